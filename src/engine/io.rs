@@ -1,0 +1,93 @@
+//! The IO thread: waits on epoll, writes to ready clients in batches, reads and
+//! discards client input, expires idle clients and emits removal signals with no
+//! lock held.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{EpollEvent, EpollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::core::{LogLevel, Shared, WAKER_TOKEN, log};
+
+/// Clients written per lock hold: the streaming thread waits at most this long.
+const CLIENTS_PER_LOCK: usize = 64;
+/// How often idle clients are checked for the timeout, at most.
+const MAX_TIMEOUT_TICK: Duration = Duration::from_secs(1);
+
+pub(crate) fn run(shared: Arc<Shared>) {
+    // Writing to a pipe whose reader is gone raises SIGPIPE in the writing thread.
+    // Blocked here, it stays pending instead of killing the process; EPIPE still
+    // reports the error. Sockets use MSG_NOSIGNAL.
+    let mut sigpipe = SigSet::empty();
+    sigpipe.add(Signal::SIGPIPE);
+    let _ = sigpipe.thread_block();
+
+    log!(shared.listener, Debug, "IO thread started");
+    let mut events = vec![EpollEvent::empty(); 1024];
+    let mut last_expiry = Instant::now();
+    while !shared.stop.load(Ordering::SeqCst) {
+        let timeout = {
+            let st = shared.lock();
+            if st.has_ready() {
+                EpollTimeout::ZERO
+            } else if let Some(t) = st.timeout() {
+                let tick = (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK);
+                EpollTimeout::try_from(tick).unwrap_or(EpollTimeout::NONE)
+            } else {
+                EpollTimeout::NONE
+            }
+        };
+        let n = match shared.epoll.wait(&mut events, timeout) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => 0,
+            Err(e) => {
+                log!(shared.listener, Warning, "epoll_wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+                0
+            }
+        };
+        let mut st = shared.lock();
+        for ev in &events[..n] {
+            if ev.data() == WAKER_TOKEN {
+                let _ = shared.waker.read();
+            } else {
+                st.client_event(ev.data(), ev.events(), &shared);
+            }
+        }
+        // Serve ready clients, letting go of the lock between batches so the
+        // streaming thread can queue buffers meanwhile.
+        loop {
+            let mut served = 0;
+            while served < CLIENTS_PER_LOCK {
+                let Some(id) = st.pop_ready() else { break };
+                st.serve(id, &shared);
+                served += 1;
+            }
+            let removed = std::mem::take(&mut st.removed);
+            let more = st.has_ready();
+            if removed.is_empty() && !more {
+                break;
+            }
+            drop(st);
+            shared.finish_removals(removed);
+            st = shared.lock();
+            if shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        if let Some(t) = st.settings.timeout {
+            let now = Instant::now();
+            if now.duration_since(last_expiry) >= (t / 4).min(MAX_TIMEOUT_TICK) {
+                last_expiry = now;
+                st.expire_idle(now, &shared);
+            }
+        }
+        let removed = std::mem::take(&mut st.removed);
+        drop(st);
+        shared.finish_removals(removed);
+    }
+    log!(shared.listener, Debug, "IO thread stopped");
+}

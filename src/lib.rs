@@ -1,0 +1,19 @@
+//! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`.
+
+pub mod engine;
+
+fn plugin_init(_plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
+    Ok(())
+}
+
+gst::plugin_define!(
+    rsmultifdsink,
+    env!("CARGO_PKG_DESCRIPTION"),
+    plugin_init,
+    env!("CARGO_PKG_VERSION"),
+    "MPL",
+    env!("CARGO_PKG_NAME"),
+    env!("CARGO_PKG_NAME"),
+    "https://gstreamer.freedesktop.org",
+    "2026-11-25"
+);
