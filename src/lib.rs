@@ -1,8 +1,10 @@
 //! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`.
 
 pub mod engine;
+pub mod multifdsink;
 
-fn plugin_init(_plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
+fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
+    multifdsink::register(plugin)?;
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use self::client::ClientStats;
-pub use self::core::{AddOutcome, Counters, Engine, Listener, Settings};
+pub use self::core::{AddOutcome, Counters, Engine, Listener, LogLevel, Settings};
 
 /// The bytes of one buffer, shared by every client that sends it.
 ///
