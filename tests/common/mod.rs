@@ -1,0 +1,252 @@
+//! Helpers shared by the element tests: a sink fed from a test pad, pipes, exact
+//! reads with deadlines and a recorder of the element's signals.
+#![allow(dead_code)]
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub fn init() {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstrsmultifdsink::plugin_register_static().unwrap();
+    });
+}
+
+/// A sink in PLAYING fed by a src pad of the test's own, like GStreamer's check suite.
+pub struct Fed {
+    pub sink: gst::Element,
+    pub src: gst::Pad,
+}
+
+impl Fed {
+    pub fn new(factory: &str, props: &[(&str, &str)]) -> Fed {
+        init();
+        let sink = gst::ElementFactory::make(factory).build().unwrap();
+        sink.set_property("sync", false);
+        for (k, v) in props {
+            sink.set_property_from_str(k, v);
+        }
+        let src = gst::Pad::builder(gst::PadDirection::Src).name("src").build();
+        src.set_active(true).unwrap();
+        src.link(&sink.static_pad("sink").unwrap()).unwrap();
+        sink.set_state(gst::State::Playing).unwrap();
+        src.push_event(gst::event::StreamStart::new("test"));
+        Fed { sink, src }
+    }
+
+    pub fn caps(&self, caps: gst::Caps) {
+        assert!(self.src.push_event(gst::event::Caps::new(&caps)));
+        let segment = gst::FormattedSegment::<gst::format::Bytes>::new();
+        assert!(self.src.push_event(gst::event::Segment::new(&segment)));
+    }
+
+    pub fn plain_caps(&self) {
+        self.caps(gst::Caps::builder("application/x-gst-check").build());
+    }
+
+    pub fn push(&self, data: &[u8], delta: bool) {
+        self.push_buffer(buffer(data, delta, false));
+    }
+
+    pub fn push_buffer(&self, buffer: gst::Buffer) {
+        assert_eq!(self.src.push(buffer), Ok(gst::FlowSuccess::Ok));
+    }
+
+    pub fn add(&self, fd: RawFd) {
+        self.sink.emit_by_name::<()>("add", &[&fd]);
+    }
+
+    pub fn remove(&self, fd: RawFd) {
+        self.sink.emit_by_name::<()>("remove", &[&fd]);
+    }
+
+    pub fn u64(&self, name: &str) -> u64 {
+        self.sink.property::<u64>(name)
+    }
+
+    pub fn u32(&self, name: &str) -> u32 {
+        self.sink.property::<u32>(name)
+    }
+
+    /// Waits until the u64 property reaches `value`.
+    pub fn wait_u64(&self, name: &str, value: u64) {
+        let start = Instant::now();
+        while self.u64(name) != value {
+            assert!(start.elapsed() < DEADLINE, "{name} stayed {} (want {value})", self.u64(name));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    pub fn stop(self) {
+        self.sink.set_state(gst::State::Null).unwrap();
+    }
+}
+
+pub fn buffer(data: &[u8], delta: bool, header: bool) -> gst::Buffer {
+    let mut b = gst::Buffer::from_slice(data.to_vec());
+    {
+        let b = b.get_mut().unwrap();
+        if delta {
+            b.set_flags(gst::BufferFlags::DELTA_UNIT);
+        }
+        if header {
+            b.set_flags(gst::BufferFlags::HEADER);
+        }
+    }
+    b
+}
+
+/// Caps with a streamheader of the given buffers.
+pub fn streamheader_caps(headers: &[&[u8]]) -> gst::Caps {
+    let array = gst::Array::new(headers.iter().map(|h| buffer(h, false, true).to_send_value()));
+    gst::Caps::builder("application/x-gst-check")
+        .field("streamheader", array)
+        .build()
+}
+
+/// `B(i)` of the check suite: "deadbee" + 8 hex digits + NUL, 16 bytes.
+pub fn b16(i: u32) -> Vec<u8> {
+    let mut v = format!("deadbee{i:08x}").into_bytes();
+    v.push(0);
+    v
+}
+
+/// A pipe: (read end, write end).
+pub fn pipe() -> (OwnedFd, OwnedFd) {
+    nix::unistd::pipe().unwrap()
+}
+
+/// Reads exactly `n` bytes within the deadline.
+pub fn read_exact(fd: impl AsFd, n: usize) -> Vec<u8> {
+    let mut out = vec![0; n];
+    let mut got = 0;
+    let start = Instant::now();
+    while got < n {
+        let left = DEADLINE.saturating_sub(start.elapsed());
+        assert!(!left.is_zero(), "timed out after {got} of {n} bytes");
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis().min(10_000) as u16).unwrap();
+        if poll(&mut fds, ms).unwrap() == 0 {
+            continue;
+        }
+        match nix::unistd::read(fd.as_fd(), &mut out[got..]) {
+            Ok(0) => panic!("EOF after {got} of {n} bytes"),
+            Ok(k) => got += k,
+            Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    out
+}
+
+/// Waits until the fd has something to read.
+pub fn wait_readable(fd: impl AsFd) {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::from(10_000u16)).unwrap(), 1, "nothing arrived");
+}
+
+/// Reads what is in the fd now, without waiting.
+pub fn read_available(fd: impl AsFd) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        if poll(&mut fds, PollTimeout::ZERO).unwrap() == 0 {
+            return out;
+        }
+        match nix::unistd::read(fd.as_fd(), &mut buf) {
+            Ok(0) => return out,
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// Asserts nothing is readable right now (after everything expected was read and
+/// the sink reported it served).
+pub fn assert_nothing_readable(fd: impl AsFd) {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    assert_eq!(poll(&mut fds, PollTimeout::ZERO).unwrap(), 0, "unexpected bytes");
+}
+
+pub fn is_open(fd: RawFd) -> bool {
+    nix::fcntl::fcntl(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+}
+
+/// What the element signalled, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Added(i32),
+    Removed(i32, String),
+    FdRemoved(i32),
+}
+
+#[derive(Clone, Default)]
+pub struct Recorder {
+    inner: Arc<(Mutex<Vec<Event>>, Condvar)>,
+}
+
+impl Recorder {
+    pub fn attach(sink: &gst::Element) -> Recorder {
+        let r = Recorder::default();
+        let r2 = r.clone();
+        sink.connect("client-added", false, move |args| {
+            r2.record(Event::Added(args[1].get().unwrap()));
+            None
+        });
+        let r2 = r.clone();
+        sink.connect("client-removed", false, move |args| {
+            let status = status_nick(&args[2]);
+            r2.record(Event::Removed(args[1].get().unwrap(), status));
+            None
+        });
+        let r2 = r.clone();
+        sink.connect("client-fd-removed", false, move |args| {
+            r2.record(Event::FdRemoved(args[1].get().unwrap()));
+            None
+        });
+        r
+    }
+
+    pub fn record(&self, e: Event) {
+        self.inner.0.lock().unwrap().push(e);
+        self.inner.1.notify_all();
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the events so far.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&[Event]) -> bool) -> Vec<Event> {
+        let (lock, cv) = &*self.inner;
+        let start = Instant::now();
+        let mut events = lock.lock().unwrap();
+        while !pred(&events) {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            assert!(!left.is_zero(), "timed out waiting for {what}; events: {:?}", *events);
+            events = cv.wait_timeout(events, left).unwrap().0;
+        }
+        events.clone()
+    }
+
+    pub fn wait_fd_removed(&self, fd: i32) -> Vec<Event> {
+        self.wait_for(&format!("fd {fd} removed"), |e| e.contains(&Event::FdRemoved(fd)))
+    }
+}
+
+pub fn status_nick(v: &gst::glib::Value) -> String {
+    let (_, e) = gst::glib::EnumValue::from_value(v).unwrap();
+    e.nick().to_string()
+}
+
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}

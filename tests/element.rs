@@ -1,0 +1,458 @@
+//! `rsmultifdsink` through GStreamer: every scenario of GStreamer's own multifdsink
+//! check suite with real pipes, and the points of the behaviour contract.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use gst::prelude::*;
+
+const SINK: &str = "rsmultifdsink";
+
+#[test]
+fn no_clients() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    fed.push(b"dead", false);
+    assert_eq!(fed.u64("bytes-to-serve"), 4);
+    assert_eq!(fed.u64("bytes-served"), 0);
+    fed.stop();
+}
+
+#[test]
+fn add_client() {
+    let fed = Fed::new(SINK, &[]);
+    let (r, w) = pipe();
+    fed.add(raw(&w));
+    fed.plain_caps();
+    fed.push(b"dead", false);
+    assert_eq!(read_exact(&r, 4), b"dead");
+    fed.wait_u64("bytes-served", 4);
+    fed.stop();
+    assert!(is_open(raw(&w)), "the element closed an fd it was given");
+}
+
+#[test]
+fn add_client_in_null_state_adds_nothing() {
+    init();
+    let sink = gst::ElementFactory::make(SINK).build().unwrap();
+    let rec = Recorder::attach(&sink);
+    let (_r, w) = pipe();
+    sink.emit_by_name::<()>("add", &[&raw(&w)]);
+    assert_eq!(sink.property::<u32>("num-handles"), 0);
+    assert!(rec.events().is_empty());
+}
+
+#[test]
+fn streamheader_sent_once_then_data() {
+    let fed = Fed::new(SINK, &[]);
+    let (r1, w1) = pipe();
+    let (r2, w2) = pipe();
+    assert_eq!(fed.u32("num-handles"), 0);
+    fed.add(raw(&w1));
+    assert_eq!(fed.u32("num-handles"), 1);
+    fed.caps(streamheader_caps(&[b"babe", b"deadbeef"]));
+    // The HEADER buffers repeat the caps' streamheader: not sent as data.
+    fed.push_buffer(buffer(b"babe", false, true));
+    fed.push_buffer(buffer(b"deadbeef", false, true));
+    fed.push(b"f00d", false);
+    assert_eq!(read_exact(&r1, 16), b"babedeadbeeff00d");
+    fed.wait_u64("bytes-served", 16);
+
+    fed.add(raw(&w2));
+    assert_eq!(fed.u32("num-handles"), 2);
+    fed.push(b"deaf", false);
+    assert_eq!(read_exact(&r1, 4), b"deaf");
+    assert_eq!(read_exact(&r2, 16), b"babedeadbeefdeaf");
+    fed.wait_u64("bytes-served", 36);
+    assert_nothing_readable(&r1);
+    assert_nothing_readable(&r2);
+    fed.remove(raw(&w1));
+    assert_eq!(fed.u32("num-handles"), 1);
+    fed.remove(raw(&w2));
+    assert_eq!(fed.u32("num-handles"), 0);
+    fed.stop();
+}
+
+#[test]
+fn changed_streamheader_is_resent() {
+    let fed = Fed::new(SINK, &[]);
+    let (r1, w1) = pipe();
+    let (r2, w2) = pipe();
+    fed.caps(streamheader_caps(&[b"first", b"header"]));
+    fed.push_buffer(buffer(b"first", false, true));
+    fed.push_buffer(buffer(b"header", false, true));
+    fed.add(raw(&w1));
+    fed.push(b"f00d", false);
+    assert_eq!(read_exact(&r1, 15), b"firstheaderf00d");
+    fed.add(raw(&w2));
+    fed.caps(streamheader_caps(&[b"second", b"header"]));
+    fed.push_buffer(buffer(b"second", false, true));
+    fed.push_buffer(buffer(b"header", false, true));
+    fed.push(b"deadbabe", false);
+    assert_eq!(read_exact(&r1, 20), b"secondheaderdeadbabe");
+    assert_eq!(read_exact(&r2, 20), b"secondheaderdeadbabe");
+    fed.wait_u64("bytes-served", 55);
+    assert_nothing_readable(&r1);
+    assert_nothing_readable(&r2);
+    fed.stop();
+}
+
+#[test]
+fn changed_streamheader_not_resent_when_disabled() {
+    let fed = Fed::new(SINK, &[("resend-streamheader", "false")]);
+    let (r1, w1) = pipe();
+    fed.caps(streamheader_caps(&[b"first"]));
+    fed.add(raw(&w1));
+    fed.push(b"f00d", false);
+    assert_eq!(read_exact(&r1, 9), b"firstf00d");
+    fed.caps(streamheader_caps(&[b"second"]));
+    fed.push(b"beef", false);
+    assert_eq!(read_exact(&r1, 4), b"beef");
+    fed.wait_u64("bytes-served", 13);
+    assert_nothing_readable(&r1);
+    fed.stop();
+}
+
+/// The three burst scenarios of the check suite: 9 buffers of 16 bytes queued with
+/// bytes-min 100, three clients with different limits, one more buffer.
+fn burst_scenario(sync: &str, keyframes: bool, limits: [(u64, u64); 2], expect: [std::ops::RangeInclusive<u32>; 3]) {
+    let fed = Fed::new(
+        SINK,
+        &[("bytes-min", "100"), ("sync-method", sync), ("burst-format", "bytes"), ("burst-value", "80")],
+    );
+    fed.plain_caps();
+    let delta = |i: u32| keyframes && i % 4 != 0;
+    for i in 0..9 {
+        fed.push(&b16(i), delta(i));
+    }
+    assert_eq!(fed.u32("buffers-queued"), 7);
+    let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
+    fed.add(raw(&pipes[0].1));
+    let sync_value = fed.sink.property_value("sync-method");
+    for (i, (min, max)) in limits.iter().enumerate() {
+        fed.sink.emit_by_name_with_values(
+            "add-full",
+            &[
+                raw(&pipes[i + 1].1).to_value(),
+                sync_value.clone(),
+                gst::Format::Bytes.to_value(),
+                min.to_value(),
+                gst::Format::Bytes.to_value(),
+                max.to_value(),
+            ],
+        );
+    }
+    assert_eq!(fed.u32("num-handles"), 3);
+    fed.push(&b16(9), delta(9));
+    for (p, range) in pipes.iter().zip(expect) {
+        let want: Vec<u8> = range.clone().flat_map(b16).collect();
+        assert_eq!(read_exact(&p.0, want.len()), want, "expected buffers {range:?}");
+    }
+    fed.stop();
+    for p in &pipes {
+        assert_nothing_readable(&p.0);
+    }
+}
+
+#[test]
+fn burst_client_bytes() {
+    burst_scenario("burst", false, [(50, 200), (50, 50)], [5..=9, 6..=9, 7..=9]);
+}
+
+#[test]
+fn burst_client_bytes_keyframe() {
+    burst_scenario("burst-keyframe", true, [(50, 90), (50, 50)], [4..=9, 8..=9, 8..=9]);
+}
+
+#[test]
+fn burst_client_bytes_with_keyframe() {
+    burst_scenario("burst-with-keyframe", true, [(50, 90), (50, 50)], [4..=9, 6..=9, 7..=9]);
+}
+
+#[test]
+fn client_next_keyframe() {
+    let fed = Fed::new(SINK, &[("sync-method", "next-keyframe")]);
+    fed.plain_caps();
+    let (r, w) = pipe();
+    fed.add(raw(&w));
+    fed.push(&b16(0), true); // a delta unit: skipped while waiting
+    fed.push(&b16(1), false);
+    fed.push(&b16(2), true);
+    let want: Vec<u8> = [b16(1), b16(2)].concat();
+    assert_eq!(read_exact(&r, 32), want);
+    fed.wait_u64("bytes-served", 32);
+    assert_nothing_readable(&r);
+    fed.stop();
+}
+
+#[test]
+fn client_kick_slow_client_others_get_everything() {
+    let fed = Fed::new(SINK, &[("units-max", "3")]);
+    let rec = Recorder::attach(&fed.sink);
+    fed.plain_caps();
+    let big = |i: u32| b16(i).repeat(16 * 1024);
+    let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
+    for p in &pipes {
+        fed.add(raw(&p.1));
+    }
+    for i in 0..3 {
+        fed.push(&big(i), false);
+    }
+    for i in 0..3 {
+        assert_eq!(read_exact(&pipes[0].0, big(i).len()), big(i));
+        assert_eq!(read_exact(&pipes[2].0, big(i).len()), big(i));
+    }
+    let mut i = 3;
+    while fed.u32("num-handles") == 3 {
+        fed.push(&big(i), false);
+        i += 1;
+        assert!(i < 20, "slow client never kicked");
+        // Keep the two good readers drained so only client 2 lags.
+        for k in [0, 2] {
+            assert_eq!(read_exact(&pipes[k].0, big(i - 1).len()), big(i - 1));
+        }
+    }
+    let slow = raw(&pipes[1].1);
+    let events = rec.wait_fd_removed(slow);
+    assert!(events.contains(&Event::Removed(slow, "slow".into())));
+    assert_eq!(fed.u32("num-handles"), 2);
+    fed.remove(raw(&pipes[0].1));
+    fed.remove(raw(&pipes[2].1));
+    for p in &pipes {
+        assert!(is_open(raw(&p.1)));
+    }
+    drop(pipes);
+    fed.stop();
+}
+
+#[test]
+fn signals_follow_the_contract() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    let (r, w) = pipe();
+    let fd = raw(&w);
+    let stats_in_removed: Arc<Mutex<Option<gst::Structure>>> = Default::default();
+    let caller = std::thread::current().id();
+    let added_on_caller = Arc::new(Mutex::new(None));
+    {
+        let a = added_on_caller.clone();
+        fed.sink.connect("client-added", false, move |_| {
+            *a.lock().unwrap() = Some(std::thread::current().id() == caller);
+            None
+        });
+        let s = stats_in_removed.clone();
+        fed.sink.connect("client-removed", false, move |args| {
+            let sink = args[0].get::<gst::Element>().unwrap();
+            let fd = args[1].get::<i32>().unwrap();
+            *s.lock().unwrap() = Some(sink.emit_by_name::<gst::Structure>("get-stats", &[&fd]));
+            None
+        });
+    }
+    let rec = Recorder::attach(&fed.sink);
+    fed.add(fd);
+    assert_eq!(*added_on_caller.lock().unwrap(), Some(true), "client-added not emitted synchronously in add");
+    fed.push(b"abcdef", false);
+    assert_eq!(read_exact(&r, 6), b"abcdef");
+    fed.wait_u64("bytes-served", 6);
+    fed.remove(fd);
+    // remove is synchronous: both signals, in order, before it returned.
+    assert_eq!(rec.events(), vec![Event::Added(fd), Event::Removed(fd, "removed".into()), Event::FdRemoved(fd)]);
+    let stats = stats_in_removed.lock().unwrap().clone().expect("get-stats in client-removed");
+    assert_eq!(stats.name(), "multihandlesink-stats");
+    assert_eq!(stats.get::<u64>("bytes-sent").unwrap(), 6);
+    for field in [
+        "connect-time",
+        "connect-time-monotonic",
+        "disconnect-time",
+        "disconnect-time-monotonic",
+        "connect-duration",
+        "last-activity-time",
+        "last-activity-time-monotonic",
+        "buffers-dropped",
+        "dropped-buffers",
+        "first-buffer-ts",
+        "last-buffer-ts",
+    ] {
+        assert!(stats.get::<u64>(field).is_ok(), "missing {field}");
+    }
+    assert!(stats.get::<u64>("disconnect-time").unwrap() >= stats.get::<u64>("connect-time").unwrap());
+    assert!(stats.get::<u64>("disconnect-time").unwrap() > 0);
+    // A second remove is only a warning.
+    fed.remove(fd);
+    assert_eq!(rec.events().len(), 3);
+    // The element forgot the fd: the same number can be added again at once.
+    fed.add(fd);
+    assert_eq!(fed.u32("num-handles"), 1);
+    fed.push(b"again", false);
+    assert_eq!(read_exact(&r, 5), b"again");
+    assert!(is_open(fd));
+    fed.stop();
+    // NULL removed it with the signals.
+    assert_eq!(rec.events().last(), Some(&Event::FdRemoved(fd)));
+}
+
+#[test]
+fn duplicate_add_only_signals_duplicate() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    let rec = Recorder::attach(&fed.sink);
+    let (r, w) = pipe();
+    fed.add(raw(&w));
+    fed.add(raw(&w));
+    assert_eq!(rec.events(), vec![Event::Added(raw(&w)), Event::Removed(raw(&w), "duplicate".into())]);
+    fed.push(b"still", false);
+    assert_eq!(read_exact(&r, 5), b"still");
+    assert_eq!(fed.u32("num-handles"), 1);
+    fed.stop();
+}
+
+#[test]
+fn get_stats_of_unknown_fd_is_empty_structure() {
+    let fed = Fed::new(SINK, &[]);
+    let s = fed.sink.emit_by_name::<gst::Structure>("get-stats", &[&12345i32]);
+    assert_eq!(s.n_fields(), 0);
+    fed.stop();
+}
+
+#[test]
+fn bad_fds_are_removed_from_the_io_side_and_harm_nobody() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    let rec = Recorder::attach(&fed.sink);
+    let (r, w) = pipe();
+    fed.add(raw(&w));
+    let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+    // A number far above what the test process opens, so no other test reuses it.
+    let closed = {
+        let (a, b) = pipe();
+        let n = nix::fcntl::fcntl(&b, nix::fcntl::FcntlArg::F_DUPFD(5000)).unwrap();
+        drop((a, b));
+        nix::unistd::close(n).unwrap();
+        n
+    };
+    let (read_end_only, _keep) = pipe();
+    for bad in [-1, closed, dir.as_raw_fd(), raw(&read_end_only)] {
+        fed.add(bad);
+        let events = rec.wait_fd_removed(bad);
+        let at = |e: Event| events.iter().position(|x| *x == e);
+        // Added first, then removed (from the IO side), then forgotten.
+        let added = at(Event::Added(bad)).expect("client-added");
+        let removed = at(Event::Removed(bad, "error".into())).expect("client-removed(error)");
+        assert!(added < removed && removed < at(Event::FdRemoved(bad)).unwrap(), "{events:?}");
+    }
+    fed.push(b"good", false);
+    assert_eq!(read_exact(&r, 4), b"good");
+    assert!(is_open(dir.as_raw_fd()));
+    fed.stop();
+}
+
+#[test]
+fn properties_by_nick_and_aliases() {
+    init();
+    let sink = gst::ElementFactory::make(SINK).build().unwrap();
+    sink.set_property_from_str("sync-method", "burst-keyframe");
+    sink.set_property_from_str("unit-format", "time");
+    sink.set_property_from_str("recover-policy", "keyframe");
+    assert_eq!(gst::glib::EnumValue::from_value(&sink.property_value("sync-method")).unwrap().1.value(), 4);
+    assert_eq!(sink.property::<gst::Format>("unit-format"), gst::Format::Time);
+    sink.set_property("buffers-max", 7i32);
+    assert_eq!(sink.property::<i64>("units-max"), 7);
+    sink.set_property("units-soft-max", 5i64);
+    assert_eq!(sink.property::<i32>("buffers-soft-max"), 5);
+    let launched = gst::parse::launch("fakesrc num-buffers=0 ! rsmultifdsink sync-method=burst-with-keyframe burst-format=bytes")
+        .unwrap()
+        .downcast::<gst::Bin>()
+        .unwrap();
+    let s = launched.iterate_sinks().next().unwrap().unwrap();
+    assert_eq!(gst::glib::EnumValue::from_value(&s.property_value("sync-method")).unwrap().1.nick(), "burst-with-keyframe");
+    assert_eq!(s.property::<gst::Format>("burst-format"), gst::Format::Bytes);
+}
+
+#[test]
+fn remove_flush_sends_what_is_queued_then_removes() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    let rec = Recorder::attach(&fed.sink);
+    let (r, w) = pipe();
+    let fd = raw(&w);
+    fed.add(fd);
+    // Fill the pipe so the client has data queued when flushed.
+    let big = vec![7u8; 256 * 1024];
+    fed.push(&big, false);
+    fed.sink.emit_by_name::<()>("remove-flush", &[&fd]);
+    fed.push(b"newer", false);
+    assert_eq!(read_exact(&r, big.len()), big);
+    rec.wait_fd_removed(fd);
+    assert!(rec.events().contains(&Event::Removed(fd, "removed".into())));
+    assert_nothing_readable(&r);
+    assert!(is_open(fd));
+    fed.stop();
+}
+
+#[test]
+fn clear_removes_everyone() {
+    let fed = Fed::new(SINK, &[]);
+    let rec = Recorder::attach(&fed.sink);
+    let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
+    for p in &pipes {
+        fed.add(raw(&p.1));
+    }
+    fed.sink.emit_by_name::<()>("clear", &[]);
+    assert_eq!(fed.u32("num-handles"), 0);
+    for p in &pipes {
+        assert!(rec.events().contains(&Event::Removed(raw(&p.1), "removed".into())));
+        assert!(rec.events().contains(&Event::FdRemoved(raw(&p.1))));
+    }
+    fed.stop();
+}
+
+#[test]
+fn same_bytes_as_the_c_multifdsink() {
+    init();
+    assert!(
+        gst::ElementFactory::find("multifdsink").is_some(),
+        "the C multifdsink (gstreamer1.0-plugins-base) is required"
+    );
+    let props = [("sync-method", "burst"), ("burst-format", "bytes"), ("burst-value", "40"), ("bytes-min", "64")];
+    let mut captured = Vec::new();
+    for factory in [SINK, "multifdsink"] {
+        let fed = Fed::new(factory, &props);
+        let rec = Recorder::attach(&fed.sink);
+        fed.caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
+        let mut clients = Vec::new();
+        for (i, data) in (0..30u32).map(b16).enumerate() {
+            // Clients join at different points of the stream.
+            if i % 10 == 5 {
+                let p = pipe();
+                fed.add(raw(&p.1));
+                clients.push(p);
+            }
+            fed.push(&data, i % 3 != 0);
+            if i % 10 == 5 {
+                // The C element places a new client when its IO thread gets to it:
+                // wait for that, so both place it at the same point of the stream.
+                wait_readable(&clients.last().unwrap().0);
+            }
+        }
+        // Flush everyone: what is queued for them is written, then they go.
+        for p in &clients {
+            fed.sink.emit_by_name::<()>("remove-flush", &[&raw(&p.1)]);
+        }
+        fed.push(b"not sent", false);
+        let bytes: Vec<Vec<u8>> = clients
+            .iter()
+            .map(|p| {
+                rec.wait_fd_removed(raw(&p.1));
+                read_available(&p.0)
+            })
+            .collect();
+        captured.push(bytes);
+        fed.stop();
+    }
+    assert!(captured[0].iter().all(|b| b.starts_with(b"HEAD1HEAD2")), "{:?}", captured[0]);
+    let show = |c: &Vec<Vec<u8>>| c.iter().map(|b| String::from_utf8_lossy(b).replace("deadbee0000", " ").replace("\0", "")).collect::<Vec<_>>();
+    assert_eq!(show(&captured[0]), show(&captured[1]), "rsmultifdsink and multifdsink wrote different bytes");
+}
