@@ -1,6 +1,7 @@
 //! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`.
 
 pub mod engine;
+pub mod http;
 pub mod multifdsink;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
