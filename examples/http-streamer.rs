@@ -45,7 +45,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let sink = args[0].get::<gst::Element>().unwrap();
         let fd = args[1].get::<i32>().unwrap();
         let stats = sink.emit_by_name::<gst::Structure>("get-stats", &[&fd]);
-        let status = gst::glib::EnumValue::from_value(&args[2]).map(|(_, v)| v.nick()).unwrap_or("?");
+        let status = gst::glib::EnumValue::from_value(&args[2])
+            .map(|(_, v)| v.nick())
+            .unwrap_or("?");
         println!(
             "client {fd} left ({status}): {} bytes in {:.1} s",
             stats.get::<u64>("bytes-sent").unwrap_or(0),
@@ -87,7 +89,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let fd = conn.into_raw_fd();
         // SAFETY: we own this fd from into_raw_fd.
-        sockets.lock().unwrap().insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
+        sockets
+            .lock()
+            .unwrap()
+            .insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
         println!("client {fd} joined");
         sink.emit_by_name::<()>("add", &[&fd]);
     }

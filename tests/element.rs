@@ -118,10 +118,20 @@ fn changed_streamheader_not_resent_when_disabled() {
 
 /// The three burst scenarios of the check suite: 9 buffers of 16 bytes queued with
 /// bytes-min 100, three clients with different limits, one more buffer.
-fn burst_scenario(sync: &str, keyframes: bool, limits: [(u64, u64); 2], expect: [std::ops::RangeInclusive<u32>; 3]) {
+fn burst_scenario(
+    sync: &str,
+    keyframes: bool,
+    limits: [(u64, u64); 2],
+    expect: [std::ops::RangeInclusive<u32>; 3],
+) {
     let fed = Fed::new(
         SINK,
-        &[("bytes-min", "100"), ("sync-method", sync), ("burst-format", "bytes"), ("burst-value", "80")],
+        &[
+            ("bytes-min", "100"),
+            ("sync-method", sync),
+            ("burst-format", "bytes"),
+            ("burst-value", "80"),
+        ],
     );
     fed.plain_caps();
     let delta = |i: u32| keyframes && i % 4 != 0;
@@ -149,7 +159,11 @@ fn burst_scenario(sync: &str, keyframes: bool, limits: [(u64, u64); 2], expect: 
     fed.push(&b16(9), delta(9));
     for (p, range) in pipes.iter().zip(expect) {
         let want: Vec<u8> = range.clone().flat_map(b16).collect();
-        assert_eq!(read_exact(&p.0, want.len()), want, "expected buffers {range:?}");
+        assert_eq!(
+            read_exact(&p.0, want.len()),
+            want,
+            "expected buffers {range:?}"
+        );
     }
     fed.stop();
     for p in &pipes {
@@ -164,12 +178,22 @@ fn burst_client_bytes() {
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_scenario("burst-keyframe", true, [(50, 90), (50, 50)], [4..=9, 8..=9, 8..=9]);
+    burst_scenario(
+        "burst-keyframe",
+        true,
+        [(50, 90), (50, 50)],
+        [4..=9, 8..=9, 8..=9],
+    );
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_scenario("burst-with-keyframe", true, [(50, 90), (50, 50)], [4..=9, 6..=9, 7..=9]);
+    burst_scenario(
+        "burst-with-keyframe",
+        true,
+        [(50, 90), (50, 50)],
+        [4..=9, 6..=9, 7..=9],
+    );
 }
 
 #[test]
@@ -253,14 +277,29 @@ fn signals_follow_the_contract() {
     }
     let rec = Recorder::attach(&fed.sink);
     fed.add(fd);
-    assert_eq!(*added_on_caller.lock().unwrap(), Some(true), "client-added not emitted synchronously in add");
+    assert_eq!(
+        *added_on_caller.lock().unwrap(),
+        Some(true),
+        "client-added not emitted synchronously in add"
+    );
     fed.push(b"abcdef", false);
     assert_eq!(read_exact(&r, 6), b"abcdef");
     fed.wait_u64("bytes-served", 6);
     fed.remove(fd);
     // remove is synchronous: both signals, in order, before it returned.
-    assert_eq!(rec.events(), vec![Event::Added(fd), Event::Removed(fd, "removed".into()), Event::FdRemoved(fd)]);
-    let stats = stats_in_removed.lock().unwrap().clone().expect("get-stats in client-removed");
+    assert_eq!(
+        rec.events(),
+        vec![
+            Event::Added(fd),
+            Event::Removed(fd, "removed".into()),
+            Event::FdRemoved(fd)
+        ]
+    );
+    let stats = stats_in_removed
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("get-stats in client-removed");
     assert_eq!(stats.name(), "multihandlesink-stats");
     assert_eq!(stats.get::<u64>("bytes-sent").unwrap(), 6);
     for field in [
@@ -278,7 +317,9 @@ fn signals_follow_the_contract() {
     ] {
         assert!(stats.get::<u64>(field).is_ok(), "missing {field}");
     }
-    assert!(stats.get::<u64>("disconnect-time").unwrap() >= stats.get::<u64>("connect-time").unwrap());
+    assert!(
+        stats.get::<u64>("disconnect-time").unwrap() >= stats.get::<u64>("connect-time").unwrap()
+    );
     assert!(stats.get::<u64>("disconnect-time").unwrap() > 0);
     // A second remove is only a warning.
     fed.remove(fd);
@@ -302,7 +343,13 @@ fn duplicate_add_only_signals_duplicate() {
     let (r, w) = pipe();
     fed.add(raw(&w));
     fed.add(raw(&w));
-    assert_eq!(rec.events(), vec![Event::Added(raw(&w)), Event::Removed(raw(&w), "duplicate".into())]);
+    assert_eq!(
+        rec.events(),
+        vec![
+            Event::Added(raw(&w)),
+            Event::Removed(raw(&w), "duplicate".into())
+        ]
+    );
     fed.push(b"still", false);
     assert_eq!(read_exact(&r, 5), b"still");
     assert_eq!(fed.u32("num-handles"), 1);
@@ -312,7 +359,9 @@ fn duplicate_add_only_signals_duplicate() {
 #[test]
 fn get_stats_of_unknown_fd_is_empty_structure() {
     let fed = Fed::new(SINK, &[]);
-    let s = fed.sink.emit_by_name::<gst::Structure>("get-stats", &[&12345i32]);
+    let s = fed
+        .sink
+        .emit_by_name::<gst::Structure>("get-stats", &[&12345i32]);
     assert_eq!(s.n_fields(), 0);
     fed.stop();
 }
@@ -341,7 +390,10 @@ fn bad_fds_are_removed_from_the_io_side_and_harm_nobody() {
         // Added first, then removed (from the IO side), then forgotten.
         let added = at(Event::Added(bad)).expect("client-added");
         let removed = at(Event::Removed(bad, "error".into())).expect("client-removed(error)");
-        assert!(added < removed && removed < at(Event::FdRemoved(bad)).unwrap(), "{events:?}");
+        assert!(
+            added < removed && removed < at(Event::FdRemoved(bad)).unwrap(),
+            "{events:?}"
+        );
     }
     fed.push(b"good", false);
     assert_eq!(read_exact(&r, 4), b"good");
@@ -356,19 +408,39 @@ fn properties_by_nick_and_aliases() {
     sink.set_property_from_str("sync-method", "burst-keyframe");
     sink.set_property_from_str("unit-format", "time");
     sink.set_property_from_str("recover-policy", "keyframe");
-    assert_eq!(gst::glib::EnumValue::from_value(&sink.property_value("sync-method")).unwrap().1.value(), 4);
-    assert_eq!(sink.property::<gst::Format>("unit-format"), gst::Format::Time);
+    assert_eq!(
+        gst::glib::EnumValue::from_value(&sink.property_value("sync-method"))
+            .unwrap()
+            .1
+            .value(),
+        4
+    );
+    assert_eq!(
+        sink.property::<gst::Format>("unit-format"),
+        gst::Format::Time
+    );
     sink.set_property("buffers-max", 7i32);
     assert_eq!(sink.property::<i64>("units-max"), 7);
     sink.set_property("units-soft-max", 5i64);
     assert_eq!(sink.property::<i32>("buffers-soft-max"), 5);
-    let launched = gst::parse::launch("fakesrc num-buffers=0 ! rsmultifdsink sync-method=burst-with-keyframe burst-format=bytes")
-        .unwrap()
-        .downcast::<gst::Bin>()
-        .unwrap();
+    let launched = gst::parse::launch(
+        "fakesrc num-buffers=0 ! rsmultifdsink sync-method=burst-with-keyframe burst-format=bytes",
+    )
+    .unwrap()
+    .downcast::<gst::Bin>()
+    .unwrap();
     let s = launched.iterate_sinks().next().unwrap().unwrap();
-    assert_eq!(gst::glib::EnumValue::from_value(&s.property_value("sync-method")).unwrap().1.nick(), "burst-with-keyframe");
-    assert_eq!(s.property::<gst::Format>("burst-format"), gst::Format::Bytes);
+    assert_eq!(
+        gst::glib::EnumValue::from_value(&s.property_value("sync-method"))
+            .unwrap()
+            .1
+            .nick(),
+        "burst-with-keyframe"
+    );
+    assert_eq!(
+        s.property::<gst::Format>("burst-format"),
+        gst::Format::Bytes
+    );
 }
 
 #[test]
@@ -403,7 +475,10 @@ fn clear_removes_everyone() {
     fed.sink.emit_by_name::<()>("clear", &[]);
     assert_eq!(fed.u32("num-handles"), 0);
     for p in &pipes {
-        assert!(rec.events().contains(&Event::Removed(raw(&p.1), "removed".into())));
+        assert!(
+            rec.events()
+                .contains(&Event::Removed(raw(&p.1), "removed".into()))
+        );
         assert!(rec.events().contains(&Event::FdRemoved(raw(&p.1))));
     }
     fed.stop();
@@ -416,7 +491,12 @@ fn same_bytes_as_the_c_multifdsink() {
         gst::ElementFactory::find("multifdsink").is_some(),
         "the C multifdsink (gstreamer1.0-plugins-base) is required"
     );
-    let props = [("sync-method", "burst"), ("burst-format", "bytes"), ("burst-value", "40"), ("bytes-min", "64")];
+    let props = [
+        ("sync-method", "burst"),
+        ("burst-format", "bytes"),
+        ("burst-value", "40"),
+        ("bytes-min", "64"),
+    ];
     let mut captured = Vec::new();
     for factory in [SINK, "multifdsink"] {
         let fed = Fed::new(factory, &props);
@@ -452,7 +532,23 @@ fn same_bytes_as_the_c_multifdsink() {
         captured.push(bytes);
         fed.stop();
     }
-    assert!(captured[0].iter().all(|b| b.starts_with(b"HEAD1HEAD2")), "{:?}", captured[0]);
-    let show = |c: &Vec<Vec<u8>>| c.iter().map(|b| String::from_utf8_lossy(b).replace("deadbee0000", " ").replace("\0", "")).collect::<Vec<_>>();
-    assert_eq!(show(&captured[0]), show(&captured[1]), "rsmultifdsink and multifdsink wrote different bytes");
+    assert!(
+        captured[0].iter().all(|b| b.starts_with(b"HEAD1HEAD2")),
+        "{:?}",
+        captured[0]
+    );
+    let show = |c: &Vec<Vec<u8>>| {
+        c.iter()
+            .map(|b| {
+                String::from_utf8_lossy(b)
+                    .replace("deadbee0000", " ")
+                    .replace("\0", "")
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        show(&captured[0]),
+        show(&captured[1]),
+        "rsmultifdsink and multifdsink wrote different bytes"
+    );
 }

@@ -11,18 +11,29 @@ fn plugin_dir() -> PathBuf {
 
 fn run_streamer(factory: &str) -> String {
     let dir = plugin_dir();
-    assert!(dir.join("libgstrsmultifdsink.so").exists(), "plugin not built in {}", dir.display());
+    assert!(
+        dir.join("libgstrsmultifdsink.so").exists(),
+        "plugin not built in {}",
+        dir.display()
+    );
     // Debian's interpreter: python3-gi installs for it (a pyenv python3 on PATH
     // would not see it). $PYTHON overrides.
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
     let out = Command::new(python)
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/streamer.py"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/streamer.py"
+        ))
         .arg(factory)
         .env("GST_PLUGIN_PATH", &dir)
         .output()
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{factory}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{factory}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 

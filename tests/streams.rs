@@ -34,14 +34,22 @@ fn flumotion_style_streamer_over_tcp() {
             let sink = args[0].get::<gst::Element>().unwrap();
             let fd = args[1].get::<i32>().unwrap();
             let s = sink.emit_by_name::<gst::Structure>("get-stats", &[&fd]);
-            stats.lock().unwrap().insert(fd, (status_nick(&args[2]), s.get::<u64>("bytes-sent").unwrap()));
+            stats.lock().unwrap().insert(
+                fd,
+                (status_nick(&args[2]), s.get::<u64>("bytes-sent").unwrap()),
+            );
             None
         });
         let open = open.clone();
         let closed = closed_by_app.clone();
         fed.sink.connect("client-fd-removed", false, move |args| {
             let fd = args[1].get::<i32>().unwrap();
-            drop(open.lock().unwrap().remove(&fd).expect("fd-removed for an fd the app owns"));
+            drop(
+                open.lock()
+                    .unwrap()
+                    .remove(&fd)
+                    .expect("fd-removed for an fd the app owns"),
+            );
             closed.lock().unwrap().push(fd);
             None
         });
@@ -62,12 +70,26 @@ fn flumotion_style_streamer_over_tcp() {
         // A plain write() on the non-blocking fd, as the app does today.
         conn.write_all(RESPONSE).unwrap();
         let fd = conn.into_raw_fd();
-        open.lock().unwrap().insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
-        let sync = gst::glib::EnumValue::from_value(&fed.sink.property_value("sync-method")).unwrap().0;
-        let burst_sync = gst::glib::EnumClass::with_type(sync.type_()).unwrap().to_value_by_nick("burst").unwrap();
+        open.lock()
+            .unwrap()
+            .insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
+        let sync = gst::glib::EnumValue::from_value(&fed.sink.property_value("sync-method"))
+            .unwrap()
+            .0;
+        let burst_sync = gst::glib::EnumClass::with_type(sync.type_())
+            .unwrap()
+            .to_value_by_nick("burst")
+            .unwrap();
         fed.sink.emit_by_name_with_values(
             "add-full",
-            &[fd.to_value(), burst_sync, gst::Format::Buffers.to_value(), 3u64.to_value(), gst::Format::Undefined.to_value(), u64::MAX.to_value()],
+            &[
+                fd.to_value(),
+                burst_sync,
+                gst::Format::Buffers.to_value(),
+                3u64.to_value(),
+                gst::Format::Undefined.to_value(),
+                u64::MAX.to_value(),
+            ],
         );
         viewers.push(viewer);
         fds.push(fd);
@@ -98,7 +120,11 @@ fn flumotion_style_streamer_over_tcp() {
         assert_eq!(read_exact(v, 16), b16(21));
     }
     fed.stop();
-    assert_eq!(closed_by_app.lock().unwrap().len(), 3, "NULL removes everyone with signals");
+    assert_eq!(
+        closed_by_app.lock().unwrap().len(),
+        3,
+        "NULL removes everyone with signals"
+    );
     assert!(open.lock().unwrap().is_empty());
 }
 
@@ -122,14 +148,16 @@ fn theora_ogg_captures_of_late_clients_decode() {
     {
         let seen = seen.clone();
         let tx = Mutex::new(tx);
-        sink.static_pad("sink").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-            let mut n = seen.lock().unwrap();
-            *n += 1;
-            if *n == 8 || *n == 16 {
-                let _ = tx.lock().unwrap().send(());
-            }
-            gst::PadProbeReturn::Ok
-        });
+        sink.static_pad("sink")
+            .unwrap()
+            .add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                let mut n = seen.lock().unwrap();
+                *n += 1;
+                if *n == 8 || *n == 16 {
+                    let _ = tx.lock().unwrap().send(());
+                }
+                gst::PadProbeReturn::Ok
+            });
     }
     pipeline.set_state(gst::State::Ready).unwrap();
     let mut readers = Vec::new();
@@ -159,23 +187,38 @@ fn theora_ogg_captures_of_late_clients_decode() {
     }
     let bus = pipeline.bus().unwrap();
     let msg = bus
-        .timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(60),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
         .expect("EOS");
     assert_eq!(msg.type_(), gst::MessageType::Eos, "{msg:?}");
     let served = sink.property::<u64>("bytes-served");
     assert!(served > 0);
     pipeline.set_state(gst::State::Null).unwrap();
-    assert_eq!(rec.events().iter().filter(|e| matches!(e, Event::FdRemoved(_))).count(), 3);
+    assert_eq!(
+        rec.events()
+            .iter()
+            .filter(|e| matches!(e, Event::FdRemoved(_)))
+            .count(),
+        3
+    );
     let mut frames = Vec::new();
     for (theirs, reader) in readers {
         drop(theirs); // the app closes its end: the reader sees EOF
         let capture = reader.join().unwrap();
-        assert!(capture.starts_with(b"OggS"), "capture does not start on an Ogg page");
+        assert!(
+            capture.starts_with(b"OggS"),
+            "capture does not start on an Ogg page"
+        );
         frames.push(decode_theora(&capture));
     }
     // The first client saw everything; the late ones fewer frames, but all decode.
     assert_eq!(frames[0], 150, "first client: {frames:?}");
-    assert!(frames[1] > 0 && frames[1] < 150 && frames[2] > 0 && frames[2] <= frames[1], "{frames:?}");
+    assert!(
+        frames[1] > 0 && frames[1] < 150 && frames[2] > 0 && frames[2] <= frames[1],
+        "{frames:?}"
+    );
 }
 
 /// Decodes an Ogg/Theora capture; returns the number of frames, failing on any error.
@@ -193,18 +236,28 @@ fn decode_theora(capture: &[u8]) -> u32 {
     .unwrap();
     let frames = Arc::new(Mutex::new(0u32));
     let f = frames.clone();
-    pipeline.by_name("out").unwrap().connect("handoff", false, move |_| {
-        *f.lock().unwrap() += 1;
-        None
-    });
+    pipeline
+        .by_name("out")
+        .unwrap()
+        .connect("handoff", false, move |_| {
+            *f.lock().unwrap() += 1;
+            None
+        });
     pipeline.set_state(gst::State::Playing).unwrap();
     let msg = pipeline
         .bus()
         .unwrap()
-        .timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(30),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
         .expect("decode finished");
     pipeline.set_state(gst::State::Null).unwrap();
     std::fs::remove_file(&path).unwrap();
-    assert_eq!(msg.type_(), gst::MessageType::Eos, "capture does not decode: {msg:?}");
+    assert_eq!(
+        msg.type_(),
+        gst::MessageType::Eos,
+        "capture does not decode: {msg:?}"
+    );
     *frames.lock().unwrap()
 }

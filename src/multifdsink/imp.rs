@@ -10,7 +10,9 @@ use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use super::{ClientStatus, RecoverPolicy, SyncMethod};
-use crate::engine::{self, AddOutcome, Amount, Chunk, ClientConfig, Engine, Listener, LogLevel, Unit};
+use crate::engine::{
+    self, AddOutcome, Amount, Chunk, ClientConfig, Engine, Listener, LogLevel, Unit,
+};
 
 pub(crate) static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -168,7 +170,11 @@ impl RsMultiFdSink {
         let obj = self.obj();
         if let (Some(min), Some(max)) = (config.burst_min, config.burst_max) {
             if min.unit == max.unit && max.value < min.value {
-                gst::warning!(CAT, imp = self, "client fd {fd}: burst maximum {max:?} below minimum {min:?}, not added");
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "client fd {fd}: burst maximum {max:?} below minimum {min:?}, not added"
+                );
                 return;
             }
         }
@@ -179,7 +185,11 @@ impl RsMultiFdSink {
                 gst::warning!(CAT, imp = self, "client fd {fd} is already added");
             }
             AddOutcome::NotRunning => {
-                gst::warning!(CAT, imp = self, "cannot add fd {fd}: element must be in READY, PAUSED or PLAYING");
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "cannot add fd {fd}: element must be in READY, PAUSED or PLAYING"
+                );
                 glib::g_warning!(
                     "rsmultifdsink",
                     "{}: element must be set to READY, PAUSED or PLAYING before clients can be added (fd {})",
@@ -208,7 +218,10 @@ impl RsMultiFdSink {
             .field("last-buffer-ts", ts(s.last_buffer_ts))
             .field("connect-time-monotonic", s.connect_time_monotonic)
             .field("disconnect-time-monotonic", s.disconnect_time_monotonic)
-            .field("last-activity-time-monotonic", s.last_activity_time_monotonic)
+            .field(
+                "last-activity-time-monotonic",
+                s.last_activity_time_monotonic,
+            )
             .build()
     }
 
@@ -605,11 +618,19 @@ impl ElementImpl for RsMultiFdSink {
     ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
         if transition == gst::StateChange::NullToReady {
             let Some(engine) = self.engine.get() else {
-                gst::element_imp_error!(self, gst::ResourceError::OpenWrite, ["cannot create epoll instance"]);
+                gst::element_imp_error!(
+                    self,
+                    gst::ResourceError::OpenWrite,
+                    ["cannot create epoll instance"]
+                );
                 return Err(gst::StateChangeError);
             };
             if let Err(e) = engine.start() {
-                gst::element_imp_error!(self, gst::ResourceError::OpenWrite, ["cannot start IO thread: {}", e]);
+                gst::element_imp_error!(
+                    self,
+                    gst::ResourceError::OpenWrite,
+                    ["cannot start IO thread: {}", e]
+                );
                 return Err(gst::StateChangeError);
             }
             gst::debug!(CAT, imp = self, "started");
@@ -629,7 +650,11 @@ impl BaseSinkImpl for RsMultiFdSink {
         let streamheader = caps.structure(0).and_then(|s| {
             let value = s.value("streamheader").ok()?;
             let Ok(array) = value.get::<gst::ArrayRef>() else {
-                gst::warning!(CAT, imp = self, "caps streamheader is not an array, ignored: {caps}");
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "caps streamheader is not an array, ignored: {caps}"
+                );
                 return None;
             };
             let mut buffers = Vec::new();
@@ -637,17 +662,28 @@ impl BaseSinkImpl for RsMultiFdSink {
                 match v.get::<gst::Buffer>() {
                     Ok(b) => match Self::chunk_of(&b) {
                         Ok(chunk) => buffers.push(chunk.data),
-                        Err(_) => gst::warning!(CAT, imp = self, "cannot map a streamheader buffer"),
+                        Err(_) => {
+                            gst::warning!(CAT, imp = self, "cannot map a streamheader buffer")
+                        }
                     },
                     Err(_) => {
-                        gst::warning!(CAT, imp = self, "caps streamheader holds a non-buffer, ignored: {caps}");
+                        gst::warning!(
+                            CAT,
+                            imp = self,
+                            "caps streamheader holds a non-buffer, ignored: {caps}"
+                        );
                         return None;
                     }
                 }
             }
             Some(buffers)
         });
-        gst::debug!(CAT, imp = self, "caps {caps}: streamheader of {} buffers", streamheader.as_ref().map_or(0, Vec::len));
+        gst::debug!(
+            CAT,
+            imp = self,
+            "caps {caps}: streamheader of {} buffers",
+            streamheader.as_ref().map_or(0, Vec::len)
+        );
         self.engine().set_streamheader(streamheader);
         Ok(())
     }
@@ -656,7 +692,13 @@ impl BaseSinkImpl for RsMultiFdSink {
         let chunk = Self::chunk_of(buffer).inspect_err(|_| {
             gst::element_imp_error!(self, gst::ResourceError::Read, ["cannot map buffer"]);
         })?;
-        gst::log!(CAT, imp = self, "queueing buffer of {} bytes, pts {:?}", chunk.len(), buffer.pts());
+        gst::log!(
+            CAT,
+            imp = self,
+            "queueing buffer of {} bytes, pts {:?}",
+            chunk.len(),
+            buffer.pts()
+        );
         self.engine().push(chunk);
         Ok(gst::FlowSuccess::Ok)
     }

@@ -33,7 +33,9 @@ impl Fed {
         for (k, v) in props {
             sink.set_property_from_str(k, v);
         }
-        let src = gst::Pad::builder(gst::PadDirection::Src).name("src").build();
+        let src = gst::Pad::builder(gst::PadDirection::Src)
+            .name("src")
+            .build();
         src.set_active(true).unwrap();
         src.link(&sink.static_pad("sink").unwrap()).unwrap();
         sink.set_state(gst::State::Playing).unwrap();
@@ -79,7 +81,11 @@ impl Fed {
     pub fn wait_u64(&self, name: &str, value: u64) {
         let start = Instant::now();
         while self.u64(name) != value {
-            assert!(start.elapsed() < DEADLINE, "{name} stayed {} (want {value})", self.u64(name));
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{name} stayed {} (want {value})",
+                self.u64(name)
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -105,7 +111,11 @@ pub fn buffer(data: &[u8], delta: bool, header: bool) -> gst::Buffer {
 
 /// Caps with a streamheader of the given buffers.
 pub fn streamheader_caps(headers: &[&[u8]]) -> gst::Caps {
-    let array = gst::Array::new(headers.iter().map(|h| buffer(h, false, true).to_send_value()));
+    let array = gst::Array::new(
+        headers
+            .iter()
+            .map(|h| buffer(h, false, true).to_send_value()),
+    );
     gst::Caps::builder("application/x-gst-check")
         .field("streamheader", array)
         .build()
@@ -149,7 +159,11 @@ pub fn read_exact(fd: impl AsFd, n: usize) -> Vec<u8> {
 /// Waits until the fd has something to read.
 pub fn wait_readable(fd: impl AsFd) {
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    assert_eq!(poll(&mut fds, PollTimeout::from(10_000u16)).unwrap(), 1, "nothing arrived");
+    assert_eq!(
+        poll(&mut fds, PollTimeout::from(10_000u16)).unwrap(),
+        1,
+        "nothing arrived"
+    );
 }
 
 /// Reads what is in the fd now, without waiting.
@@ -173,11 +187,19 @@ pub fn read_available(fd: impl AsFd) -> Vec<u8> {
 /// the sink reported it served).
 pub fn assert_nothing_readable(fd: impl AsFd) {
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-    assert_eq!(poll(&mut fds, PollTimeout::ZERO).unwrap(), 0, "unexpected bytes");
+    assert_eq!(
+        poll(&mut fds, PollTimeout::ZERO).unwrap(),
+        0,
+        "unexpected bytes"
+    );
 }
 
 pub fn is_open(fd: RawFd) -> bool {
-    nix::fcntl::fcntl(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }, nix::fcntl::FcntlArg::F_GETFD).is_ok()
+    nix::fcntl::fcntl(
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .is_ok()
 }
 
 /// What the element signalled, in order.
@@ -231,14 +253,20 @@ impl Recorder {
         let mut events = lock.lock().unwrap();
         while !pred(&events) {
             let left = DEADLINE.saturating_sub(start.elapsed());
-            assert!(!left.is_zero(), "timed out waiting for {what}; events: {:?}", *events);
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; events: {:?}",
+                *events
+            );
             events = cv.wait_timeout(events, left).unwrap().0;
         }
         events.clone()
     }
 
     pub fn wait_fd_removed(&self, fd: i32) -> Vec<Event> {
-        self.wait_for(&format!("fd {fd} removed"), |e| e.contains(&Event::FdRemoved(fd)))
+        self.wait_for(&format!("fd {fd} removed"), |e| {
+            e.contains(&Event::FdRemoved(fd))
+        })
     }
 }
 
