@@ -134,7 +134,7 @@ fn burst_scenario(
         ],
     );
     fed.plain_caps();
-    let delta = |i: u32| keyframes && i % 4 != 0;
+    let delta = |i: u32| keyframes && !i.is_multiple_of(4);
     for i in 0..9 {
         fed.push(&b16(i), delta(i));
     }

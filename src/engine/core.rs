@@ -42,7 +42,9 @@ pub trait Listener: Send + Sync {
     fn client_added(&self, fd: Fd);
     fn client_removed(&self, fd: Fd, status: ClientStatus);
     fn client_fd_removed(&self, fd: Fd);
-    /// Diagnostics; `args` is formatted only if the listener wants it.
+    /// Diagnostics; `args` is formatted only if the listener wants it. Unlike the
+    /// signals above, this may be called with the engine lock held: it must not call
+    /// back into the engine.
     fn log(&self, _level: LogLevel, _args: fmt::Arguments<'_>) {}
 }
 
@@ -217,7 +219,13 @@ impl Engine {
             return Ok(());
         }
         self.shared.stop.store(false, Ordering::SeqCst);
-        self.shared.lock().running = true;
+        {
+            let mut st = self.shared.lock();
+            st.running = true;
+            // bytes-to-serve and bytes-served count from the last start (NULL→READY).
+            st.bytes_to_serve = 0;
+            st.bytes_served = 0;
+        }
         let shared = self.shared.clone();
         let handle = std::thread::Builder::new()
             .name("rsmultifdsink-io".into())
@@ -272,11 +280,10 @@ impl Engine {
         }
         // Tighter limits take effect now, not at the next buffer.
         st.enforce_limits(&self.shared);
-        let wake = !st.removed.is_empty();
         drop(st);
-        if wake {
-            self.shared.wake();
-        }
+        // Always: the IO thread may be waiting with no timeout while a new `timeout`
+        // must now expire idle clients, or have removals to signal.
+        self.shared.wake();
     }
 
     pub fn settings(&self) -> Settings {
@@ -342,7 +349,9 @@ impl Engine {
                 st.joining.push(id);
             }
         }
-        let wake = !st.ready.is_empty();
+        // With a timeout, the IO thread must wake up to time this client out even if
+        // its fd never becomes ready (a full pipe, a regular file).
+        let wake = !st.ready.is_empty() || st.settings.timeout.is_some();
         drop(st);
         if wake {
             shared.wake();
@@ -648,32 +657,32 @@ impl State {
             (Some(h), Some(s)) => Some(h.max(s)),
             (h, s) => h.or(s),
         };
-        if let (Some(boundary), Some(oldest)) = (boundary, self.queue.oldest_referenced()) {
-            if oldest < boundary {
-                // Somebody lags: find who. Costs a scan only when a client must go or
-                // be moved, never for ordinary buffers.
-                let laggards: Vec<ClientId> = self
-                    .clients
-                    .values()
-                    .filter(|c| c.positioned && c.pos < boundary)
-                    .map(|c| c.id)
-                    .collect();
-                for id in laggards {
-                    let pos = self.clients[&id].pos;
-                    if hard.is_some_and(|h| pos < h) {
-                        let fd = self.clients[&id].fd;
-                        log!(
-                            shared.listener,
-                            Info,
-                            "client fd {fd}: too slow ({} buffers behind), removing",
-                            self.queue.next_seq() - pos
-                        );
-                        if let Some(r) = self.mark_removed(id, ClientStatus::Slow, shared) {
-                            self.removed.push(r);
-                        }
-                    } else if let Some(s) = soft.filter(|s| pos < *s) {
-                        self.recover(id, s, shared);
+        if let (Some(boundary), Some(oldest)) = (boundary, self.queue.oldest_referenced())
+            && oldest < boundary
+        {
+            // Somebody lags: find who. Costs a scan only when a client must go or
+            // be moved, never for ordinary buffers.
+            let laggards: Vec<ClientId> = self
+                .clients
+                .values()
+                .filter(|c| c.positioned && c.pos < boundary)
+                .map(|c| c.id)
+                .collect();
+            for id in laggards {
+                let pos = self.clients[&id].pos;
+                if hard.is_some_and(|h| pos < h) {
+                    let fd = self.clients[&id].fd;
+                    log!(
+                        shared.listener,
+                        Info,
+                        "client fd {fd}: too slow ({} buffers behind), removing",
+                        self.queue.next_seq() - pos
+                    );
+                    if let Some(r) = self.mark_removed(id, ClientStatus::Slow, shared) {
+                        self.removed.push(r);
                     }
+                } else if let Some(s) = soft.filter(|s| pos < *s) {
+                    self.recover(id, s, shared);
                 }
             }
         }
@@ -710,7 +719,13 @@ impl State {
 
     fn trim(&mut self) {
         let next = self.queue.next_seq();
-        let mut keep = self.queue.oldest_referenced().unwrap_or(next);
+        // The newest buffer always stays, as in multifdsink (buffers-queued is 1
+        // with no clients, and a latest-keyframe client can start on it).
+        let mut keep = self
+            .queue
+            .oldest_referenced()
+            .unwrap_or(next)
+            .min(next.saturating_sub(1));
         let s = &self.settings;
         let mins = [
             s.buffers_min.map(|v| Amount::new(Unit::Buffers, v)),
@@ -724,10 +739,10 @@ impl State {
                     .unwrap_or(self.queue.first_seq()),
             );
         }
-        if s.keep_keyframe {
-            if let Some(k) = self.queue.newest_keyframe_since(0) {
-                keep = keep.min(k);
-            }
+        if s.keep_keyframe
+            && let Some(k) = self.queue.newest_keyframe_since(0)
+        {
+            keep = keep.min(k);
         }
         self.queue.trim_before(keep);
     }
@@ -762,10 +777,10 @@ impl State {
 
     /// Drops a removed client for good; its fd number may be added again.
     pub fn forget(&mut self, id: ClientId, _epoll: &Epoll) {
-        if let Some(c) = self.clients.remove(&id) {
-            if self.by_fd.get(&c.fd) == Some(&id) {
-                self.by_fd.remove(&c.fd);
-            }
+        if let Some(c) = self.clients.remove(&id)
+            && self.by_fd.get(&c.fd) == Some(&id)
+        {
+            self.by_fd.remove(&c.fd);
         }
     }
 
@@ -786,23 +801,24 @@ impl State {
             return;
         }
         let fd = c.fd;
-        if flags.contains(EpollFlags::EPOLLIN) && self.settings.handle_read {
-            if let Some(status) = self.discard_input(fd) {
-                log!(
-                    shared.listener,
-                    Info,
-                    "client fd {fd}: {}",
-                    if status == ClientStatus::Closed {
-                        "closed by peer"
-                    } else {
-                        "read error"
-                    }
-                );
-                if let Some(r) = self.mark_removed(id, status, shared) {
-                    self.removed.push(r);
+        if flags.contains(EpollFlags::EPOLLIN)
+            && self.settings.handle_read
+            && let Some(status) = self.discard_input(fd)
+        {
+            log!(
+                shared.listener,
+                Info,
+                "client fd {fd}: {}",
+                if status == ClientStatus::Closed {
+                    "closed by peer"
+                } else {
+                    "read error"
                 }
-                return;
+            );
+            if let Some(r) = self.mark_removed(id, status, shared) {
+                self.removed.push(r);
             }
+            return;
         }
         if flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
             let status = if flags.contains(EpollFlags::EPOLLERR) {
@@ -897,19 +913,19 @@ impl State {
         let mut budget = TURN_BUDGET;
         loop {
             // Streamheaders of a new caps generation go out before its first buffer.
-            if let Some(entry) = queue.get(c.pos) {
-                if !same_streamheader(&entry.streamheader, &c.streamheader) {
-                    if let Some(sh) = &entry.streamheader {
-                        if !c.had_streamheader || resend {
-                            c.outbox.extend(sh.iter().map(|h| Pending {
-                                data: h.clone(),
-                                offset: 0,
-                            }));
-                            c.had_streamheader = true;
-                        }
-                    }
-                    c.streamheader = entry.streamheader.clone();
+            if let Some(entry) = queue.get(c.pos)
+                && !same_streamheader(&entry.streamheader, &c.streamheader)
+            {
+                if let Some(sh) = &entry.streamheader
+                    && (!c.had_streamheader || resend)
+                {
+                    c.outbox.extend(sh.iter().map(|h| Pending {
+                        data: h.clone(),
+                        offset: 0,
+                    }));
+                    c.had_streamheader = true;
                 }
+                c.streamheader = entry.streamheader.clone();
             }
             let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
             let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(c.outbox.len() + 16);

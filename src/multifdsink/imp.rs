@@ -168,15 +168,16 @@ impl RsMultiFdSink {
     /// `add` and `add-full`.
     pub(crate) fn add_client(&self, fd: i32, config: ClientConfig) {
         let obj = self.obj();
-        if let (Some(min), Some(max)) = (config.burst_min, config.burst_max) {
-            if min.unit == max.unit && max.value < min.value {
-                gst::warning!(
-                    CAT,
-                    imp = self,
-                    "client fd {fd}: burst maximum {max:?} below minimum {min:?}, not added"
-                );
-                return;
-            }
+        if let (Some(min), Some(max)) = (config.burst_min, config.burst_max)
+            && min.unit == max.unit
+            && max.value < min.value
+        {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "client fd {fd}: burst maximum {max:?} below minimum {min:?}, not added"
+            );
+            return;
         }
         gst::debug!(CAT, imp = self, "adding client fd {fd} with {config:?}");
         match self.engine().add(fd, config) {

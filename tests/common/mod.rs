@@ -142,7 +142,7 @@ pub fn read_exact(fd: impl AsFd, n: usize) -> Vec<u8> {
         let left = DEADLINE.saturating_sub(start.elapsed());
         assert!(!left.is_zero(), "timed out after {got} of {n} bytes");
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
-        let ms = PollTimeout::try_from(left.as_millis().min(10_000) as u16).unwrap();
+        let ms = PollTimeout::from(left.as_millis().min(10_000) as u16);
         if poll(&mut fds, ms).unwrap() == 0 {
             continue;
         }
