@@ -3,9 +3,12 @@
 pub mod engine;
 pub mod http;
 pub mod multifdsink;
+mod server;
+pub mod tcpserversink;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     multifdsink::register(plugin)?;
+    tcpserversink::register(plugin)?;
     Ok(())
 }
 

@@ -142,6 +142,23 @@ pub(crate) struct Shared {
     pub waker: EventFd,
     pub stop: AtomicBool,
     pub listener: Arc<dyn Listener>,
+    pub aux: Mutex<Option<Box<dyn Aux>>>,
+}
+
+/// Epoll tokens with this bit belong to the `Aux`.
+pub const AUX_TOKEN: u64 = 1 << 62;
+
+/// More fds for the IO thread to serve besides clients (the server sink's listening
+/// socket and connections still sending a request). Called on the IO thread without
+/// the engine lock, so it may add clients.
+pub(crate) trait Aux: Send {
+    /// Adds its fds to `shared.epoll`, with tokens that have `AUX_TOKEN` set.
+    fn register(&mut self, shared: &Shared) -> std::io::Result<()>;
+    fn unregister(&mut self, shared: &Shared);
+    /// An epoll event for one of its tokens (`AUX_TOKEN` cleared).
+    fn event(&mut self, shared: &Shared, token: u64, flags: EpollFlags);
+    /// Does what is due at `now`; returns when to be called next.
+    fn tick(&mut self, shared: &Shared, now: Instant) -> Option<Instant>;
 }
 
 /// The fan-out engine. Cheap to share: clone the `Arc` it lives in.
@@ -158,142 +175,10 @@ macro_rules! log {
 pub(crate) use log;
 
 impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock leaves consistent-enough state for removal.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn wake(&self) {
-        let _ = self.waker.write(1);
-    }
-
-    /// Emits the signals of clients already marked removed, then forgets them.
-    pub fn finish_removals(&self, removed: Vec<(ClientId, RawFd, ClientStatus)>) {
-        for (id, fd, status) in removed {
-            log!(self.listener, Info, "client fd {fd}: removed ({status:?})");
-            self.listener.client_removed(fd, status);
-            self.lock().forget(id, &self.epoll);
-            self.listener.client_fd_removed(fd);
-        }
-    }
-}
-
-impl Engine {
-    pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Engine> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let waker =
-            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        epoll.add(&waker, EpollEvent::new(EpollFlags::EPOLLIN, WAKER_TOKEN))?;
-        let state = State {
-            settings: Settings::default(),
-            queue: BufferQueue::default(),
-            streamheader: None,
-            clients: HashMap::new(),
-            by_fd: HashMap::new(),
-            next_id: 1,
-            ready: Default::default(),
-            idle: Vec::new(),
-            joining: Vec::new(),
-            removed: Vec::new(),
-            running: false,
-            bytes_to_serve: 0,
-            bytes_served: 0,
-            scratch: vec![0; 4096],
-        };
-        Ok(Engine {
-            shared: Arc::new(Shared {
-                state: Mutex::new(state),
-                epoll,
-                waker,
-                stop: AtomicBool::new(false),
-                listener,
-            }),
-            thread: Mutex::new(None),
-        })
-    }
-
-    /// Starts the IO thread; clients can be added from now on.
-    pub fn start(&self) -> std::io::Result<()> {
-        let mut thread = self.thread.lock().unwrap();
-        if thread.is_some() {
-            return Ok(());
-        }
-        self.shared.stop.store(false, Ordering::SeqCst);
-        {
-            let mut st = self.shared.lock();
-            st.running = true;
-            // bytes-to-serve and bytes-served count from the last start (NULL→READY).
-            st.bytes_to_serve = 0;
-            st.bytes_served = 0;
-        }
-        let shared = self.shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("rsmultifdsink-io".into())
-            .spawn(move || super::io::run(shared))?;
-        let id = handle.thread().id();
-        *thread = Some((handle, id));
-        Ok(())
-    }
-
-    /// Stops the IO thread, removes every client (status removed) and drops the queue
-    /// and streamheader.
-    pub fn stop(&self) {
-        let thread = self.thread.lock().unwrap().take();
-        self.shared.lock().running = false;
-        if let Some((handle, id)) = thread {
-            self.shared.stop.store(true, Ordering::SeqCst);
-            self.shared.wake();
-            // A signal handler on the IO thread may stop the element: do not join
-            // ourselves; the thread ends when the handler returns.
-            if std::thread::current().id() != id {
-                let _ = handle.join();
-            }
-        }
-        let removed = {
-            let mut st = self.shared.lock();
-            let mut removed = std::mem::take(&mut st.removed);
-            let ids: Vec<ClientId> = st.clients.keys().copied().collect();
-            for id in ids {
-                if let Some(r) = st.mark_removed(id, ClientStatus::Removed, &self.shared) {
-                    removed.push(r);
-                }
-            }
-            st.queue.clear();
-            st.streamheader = None;
-            st.idle.clear();
-            st.ready.clear();
-            st.joining.clear();
-            removed
-        };
-        self.shared.finish_removals(removed);
-    }
-
-    pub fn set_settings(&self, settings: Settings) {
-        let mut st = self.shared.lock();
-        let dscp_changed = st.settings.qos_dscp != settings.qos_dscp;
-        st.settings = settings;
-        if dscp_changed {
-            let dscp = st.settings.qos_dscp;
-            for c in st.clients.values().filter(|c| c.kind == FdKind::Socket) {
-                apply_dscp(c.fd, dscp);
-            }
-        }
-        // Tighter limits take effect now, not at the next buffer.
-        st.enforce_limits(&self.shared);
-        drop(st);
-        // Always: the IO thread may be waiting with no timeout while a new `timeout`
-        // must now expire idle clients, or have removals to signal.
-        self.shared.wake();
-    }
-
-    pub fn settings(&self) -> Settings {
-        self.shared.lock().settings.clone()
-    }
-
     /// Adds a client. `client-added` is emitted before this returns; a bad fd is
     /// removed later by the IO thread, never inside `add`.
     pub fn add(&self, fd: Fd, config: ClientConfig) -> AddOutcome {
-        let shared = &self.shared;
+        let shared = self;
         let id = {
             let mut st = shared.lock();
             if !st.running {
@@ -357,6 +242,177 @@ impl Engine {
             shared.wake();
         }
         AddOutcome::Added
+    }
+
+    /// Clients that are not being removed.
+    pub fn client_count(&self) -> usize {
+        self.lock()
+            .clients
+            .values()
+            .filter(|c| c.phase != Phase::Removing)
+            .count()
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent-enough state for removal.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn wake(&self) {
+        let _ = self.waker.write(1);
+    }
+
+    /// Emits the signals of clients already marked removed, then forgets them.
+    pub fn finish_removals(&self, removed: Vec<(ClientId, RawFd, ClientStatus)>) {
+        for (id, fd, status) in removed {
+            log!(self.listener, Info, "client fd {fd}: removed ({status:?})");
+            self.listener.client_removed(fd, status);
+            self.lock().forget(id, &self.epoll);
+            self.listener.client_fd_removed(fd);
+        }
+    }
+}
+
+impl Engine {
+    pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Engine> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let waker =
+            EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
+        epoll.add(&waker, EpollEvent::new(EpollFlags::EPOLLIN, WAKER_TOKEN))?;
+        let state = State {
+            settings: Settings::default(),
+            queue: BufferQueue::default(),
+            streamheader: None,
+            clients: HashMap::new(),
+            by_fd: HashMap::new(),
+            next_id: 1,
+            ready: Default::default(),
+            idle: Vec::new(),
+            joining: Vec::new(),
+            removed: Vec::new(),
+            running: false,
+            bytes_to_serve: 0,
+            bytes_served: 0,
+            scratch: vec![0; 4096],
+        };
+        Ok(Engine {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                epoll,
+                waker,
+                stop: AtomicBool::new(false),
+                listener,
+                aux: Mutex::new(None),
+            }),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// Starts the IO thread; clients can be added from now on.
+    pub fn start(&self) -> std::io::Result<()> {
+        let mut thread = self.thread.lock().unwrap();
+        if thread.is_some() {
+            return Ok(());
+        }
+        self.shared.stop.store(false, Ordering::SeqCst);
+        {
+            let mut st = self.shared.lock();
+            st.running = true;
+            // bytes-to-serve and bytes-served count from the last start (NULL→READY).
+            st.bytes_to_serve = 0;
+            st.bytes_served = 0;
+        }
+        let shared = self.shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("rsmultifdsink-io".into())
+            .spawn(move || super::io::run(shared))?;
+        let id = handle.thread().id();
+        *thread = Some((handle, id));
+        Ok(())
+    }
+
+    /// Stops the IO thread, removes every client (status removed) and drops the queue
+    /// and streamheader.
+    pub fn stop(&self) {
+        let thread = self.thread.lock().unwrap().take();
+        self.shared.lock().running = false;
+        if let Some((handle, id)) = thread {
+            self.shared.stop.store(true, Ordering::SeqCst);
+            self.shared.wake();
+            // A signal handler on the IO thread may stop the element: do not join
+            // ourselves; the thread ends when the handler returns.
+            if std::thread::current().id() != id {
+                let _ = handle.join();
+            }
+        }
+        // The listening socket and connections still sending a request go first.
+        // (The lock is only busy when a handler on the IO thread stops us.)
+        if let Ok(mut slot) = self.shared.aux.try_lock()
+            && let Some(mut aux) = slot.take()
+        {
+            aux.unregister(&self.shared);
+        }
+        let removed = {
+            let mut st = self.shared.lock();
+            let mut removed = std::mem::take(&mut st.removed);
+            let ids: Vec<ClientId> = st.clients.keys().copied().collect();
+            for id in ids {
+                if let Some(r) = st.mark_removed(id, ClientStatus::Removed, &self.shared) {
+                    removed.push(r);
+                }
+            }
+            st.queue.clear();
+            st.streamheader = None;
+            st.idle.clear();
+            st.ready.clear();
+            st.joining.clear();
+            removed
+        };
+        self.shared.finish_removals(removed);
+    }
+
+    pub fn set_settings(&self, settings: Settings) {
+        let mut st = self.shared.lock();
+        let dscp_changed = st.settings.qos_dscp != settings.qos_dscp;
+        st.settings = settings;
+        if dscp_changed {
+            let dscp = st.settings.qos_dscp;
+            for c in st.clients.values().filter(|c| c.kind == FdKind::Socket) {
+                apply_dscp(c.fd, dscp);
+            }
+        }
+        // Tighter limits take effect now, not at the next buffer.
+        st.enforce_limits(&self.shared);
+        drop(st);
+        // Always: the IO thread may be waiting with no timeout while a new `timeout`
+        // must now expire idle clients, or have removals to signal.
+        self.shared.wake();
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.shared.lock().settings.clone()
+    }
+
+    /// Adds a client. `client-added` is emitted before this returns; a bad fd is
+    /// removed later by the IO thread, never inside `add`.
+    pub fn add(&self, fd: Fd, config: ClientConfig) -> AddOutcome {
+        self.shared.add(fd, config)
+    }
+
+    /// Lets the IO thread also serve `aux` (a listening socket and its pending
+    /// connections); `None` unregisters the current one.
+    pub(crate) fn set_aux(&self, aux: Option<Box<dyn Aux>>) -> std::io::Result<()> {
+        let mut slot = self.shared.aux.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut old) = slot.take() {
+            old.unregister(&self.shared);
+        }
+        if let Some(mut new) = aux {
+            new.register(&self.shared)?;
+            *slot = Some(new);
+        }
+        drop(slot);
+        self.shared.wake();
+        Ok(())
     }
 
     /// Removes a client now: both signals are emitted before this returns.

@@ -10,7 +10,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::core::{LogLevel, Shared, WAKER_TOKEN, log};
+use super::core::{AUX_TOKEN, LogLevel, Shared, WAKER_TOKEN, log};
 
 /// Clients written per lock hold: the streaming thread waits at most this long.
 const CLIENTS_PER_LOCK: usize = 64;
@@ -28,17 +28,28 @@ pub(crate) fn run(shared: Arc<Shared>) {
     log!(shared.listener, Debug, "IO thread started");
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut last_expiry = Instant::now();
+    let mut aux_events = Vec::new();
+    // Ask the aux for its first deadline at once.
+    let mut aux_due = Some(Instant::now());
     while !shared.stop.load(Ordering::SeqCst) {
         let timeout = {
             let st = shared.lock();
-            if st.has_ready() {
-                EpollTimeout::ZERO
-            } else if let Some(t) = st.timeout() {
-                let tick = (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK);
-                EpollTimeout::try_from(tick).unwrap_or(EpollTimeout::NONE)
+            let mut wait = if st.has_ready() {
+                Some(Duration::ZERO)
             } else {
-                EpollTimeout::NONE
+                st.timeout()
+                    .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
+            };
+            if let Some(due) = aux_due {
+                let until = due.saturating_duration_since(Instant::now());
+                wait = Some(wait.map_or(until, |w| w.min(until)));
             }
+            // Round up so a deadline is not polled for in a busy loop.
+            wait.map_or(EpollTimeout::NONE, |w| {
+                let ms = w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u32;
+                EpollTimeout::try_from(Duration::from_millis(ms.into()))
+                    .unwrap_or(EpollTimeout::NONE)
+            })
         };
         let n = match shared.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
@@ -53,6 +64,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         for ev in &events[..n] {
             if ev.data() == WAKER_TOKEN {
                 let _ = shared.waker.read();
+            } else if ev.data() & AUX_TOKEN != 0 && ev.data() != WAKER_TOKEN {
+                aux_events.push((ev.data() & !AUX_TOKEN, ev.events()));
             } else {
                 st.client_event(ev.data(), ev.events(), &shared);
             }
@@ -88,6 +101,22 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let removed = std::mem::take(&mut st.removed);
         drop(st);
         shared.finish_removals(removed);
+        let now = Instant::now();
+        if !aux_events.is_empty() || aux_due.is_some_and(|d| d <= now) {
+            let mut aux = shared.aux.lock().unwrap_or_else(|e| e.into_inner());
+            match aux.as_mut() {
+                Some(aux) => {
+                    for (token, flags) in aux_events.drain(..) {
+                        aux.event(&shared, token, flags);
+                    }
+                    aux_due = aux.tick(&shared, Instant::now());
+                }
+                None => {
+                    aux_events.clear();
+                    aux_due = None;
+                }
+            }
+        }
     }
     log!(shared.listener, Debug, "IO thread stopped");
 }

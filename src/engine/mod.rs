@@ -6,7 +6,7 @@
 //! into the types below.
 
 mod client;
-mod core;
+pub(crate) mod core;
 mod io;
 mod queue;
 
@@ -14,6 +14,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use self::client::ClientStats;
+pub(crate) use self::core::{AUX_TOKEN, Aux};
 pub use self::core::{AddOutcome, Counters, Engine, Listener, LogLevel, Settings};
 
 /// The bytes of one buffer, shared by every client that sends it.

@@ -39,6 +39,7 @@ struct Settings {
     handle_read: bool,
     resend_streamheader: bool,
     qos_dscp: i32,
+    request_keyframe: bool,
 }
 
 impl Default for Settings {
@@ -58,6 +59,7 @@ impl Default for Settings {
             handle_read: true,
             resend_streamheader: true,
             qos_dscp: -1,
+            request_keyframe: false,
         }
     }
 }
@@ -73,7 +75,7 @@ fn unit_of(format: gst::Format) -> Unit {
 }
 
 /// A burst bound from `add-full`: undefined format or -1 (G_MAXUINT64) is none.
-fn burst_amount(format: gst::Format, value: u64) -> Option<Amount> {
+pub(crate) fn burst_amount(format: gst::Format, value: u64) -> Option<Amount> {
     match format {
         gst::Format::Undefined | gst::Format::Percent => None,
         _ if value == u64::MAX => None,
@@ -112,6 +114,7 @@ impl Listener for SignalListener {
     fn client_added(&self, fd: i32) {
         if let Some(element) = self.element.upgrade() {
             element.emit_by_name::<()>("client-added", &[&fd]);
+            element.imp().request_keyframe_for(fd);
         }
     }
 
@@ -124,6 +127,9 @@ impl Listener for SignalListener {
     fn client_fd_removed(&self, fd: i32) {
         if let Some(element) = self.element.upgrade() {
             element.emit_by_name::<()>("client-fd-removed", &[&fd]);
+            if let Some(hook) = element.imp().fd_removed_hook.get() {
+                hook(fd);
+            }
         }
     }
 
@@ -148,6 +154,8 @@ impl Listener for SignalListener {
 pub struct RsMultiFdSink {
     settings: Mutex<Settings>,
     engine: OnceLock<Engine>,
+    /// Runs after `client-fd-removed`: `rstcpserversink` closes its own sockets here.
+    pub(crate) fd_removed_hook: OnceLock<Box<dyn Fn(i32) + Send + Sync>>,
 }
 
 /// Subclasses (`rstcpserversink`) inherit every property and signal.
@@ -199,6 +207,31 @@ impl RsMultiFdSink {
                 );
             }
         }
+    }
+
+    /// With `request-keyframe`, asks upstream for a keyframe so a new client need
+    /// not wait a whole GOP (a `GstForceKeyUnit` upstream event, as
+    /// `gst_video_event_new_upstream_force_key_unit` makes).
+    fn request_keyframe_for(&self, fd: i32) {
+        if !self.settings.lock().unwrap().request_keyframe {
+            return;
+        }
+        let event = gst::event::CustomUpstream::new(
+            gst::Structure::builder("GstForceKeyUnit")
+                .field("running-time", u64::MAX)
+                .field("all-headers", true)
+                .field("count", 0u32)
+                .build(),
+        );
+        let sent = self
+            .obj()
+            .static_pad("sink")
+            .is_some_and(|pad| pad.push_event(event));
+        gst::debug!(
+            CAT,
+            imp = self,
+            "client fd {fd}: requested a keyframe upstream (handled: {sent})"
+        );
     }
 
     fn stats_structure(&self, fd: i32) -> gst::Structure {
@@ -371,6 +404,11 @@ impl ObjectImpl for RsMultiFdSink {
                     .blurb("The current number of client handles")
                     .read_only()
                     .build(),
+                glib::ParamSpecBoolean::builder("request-keyframe")
+                    .nick("Request keyframe")
+                    .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
+                    .default_value(false)
+                    .build(),
                 glib::ParamSpecBoolean::builder("handle-read")
                     .nick("Handle Read")
                     .blurb("Handle client reads and discard the data")
@@ -516,6 +554,7 @@ impl ObjectImpl for RsMultiFdSink {
             "qos-dscp" => s.qos_dscp = value.get().unwrap(),
             "resend-streamheader" => s.resend_streamheader = value.get().unwrap(),
             "handle-read" => s.handle_read = value.get().unwrap(),
+            "request-keyframe" => s.request_keyframe = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -543,6 +582,7 @@ impl ObjectImpl for RsMultiFdSink {
             "qos-dscp" => s.qos_dscp.to_value(),
             "resend-streamheader" => s.resend_streamheader.to_value(),
             "handle-read" => s.handle_read.to_value(),
+            "request-keyframe" => s.request_keyframe.to_value(),
             name => {
                 drop(s);
                 let c = self.engine().counters();

@@ -6,7 +6,7 @@ use gst::prelude::*;
 
 use crate::engine;
 
-mod imp;
+pub(crate) mod imp;
 
 glib::wrapper! {
     pub struct RsMultiFdSink(ObjectSubclass<imp::RsMultiFdSink>)
