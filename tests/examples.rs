@@ -1,0 +1,175 @@
+//! The Flumotion-style examples run for real: the porter passes HTTP connections over
+//! SCM_RIGHTS to a streamer (Rust, then Python) that serves them with rsmultifdsink.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+/// target/<profile>, where the examples and the plugin are built.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// Kills the process if the test fails half-way.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn read_line(out: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(!line.is_empty(), "process ended early");
+    line.trim_end().to_string()
+}
+
+fn run_pair(streamer: Command) {
+    common::init();
+    let sock = std::env::temp_dir().join(format!(
+        "rsmfd-streamer-{}-{:?}.sock",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let mut streamer = streamer;
+    streamer
+        .arg(&sock)
+        .args(["--exit-after", "2"])
+        .stdout(Stdio::piped());
+    let mut streamer = Guard(streamer.spawn().expect("streamer starts"));
+    let mut s_out = BufReader::new(streamer.0.stdout.take().unwrap());
+    assert!(read_line(&mut s_out).starts_with("streamer: waiting"));
+
+    let porter = Command::new(target_dir().join("examples/porter"))
+        .arg("127.0.0.1:0")
+        .arg(&sock)
+        .args(["--max-connections", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("porter built by cargo test");
+    let mut porter = Guard(porter);
+    let mut p_out = BufReader::new(porter.0.stdout.take().unwrap());
+    let line = read_line(&mut p_out);
+    let addr = line
+        .strip_prefix("porter: listening on ")
+        .expect("porter address")
+        .to_string();
+
+    let mut received = Vec::new();
+    for path in ["/live", "/other"] {
+        let mut viewer = TcpStream::connect(&addr).unwrap();
+        viewer
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(viewer, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        // Read the head and about 100 kB of stream, then leave.
+        let mut data = Vec::new();
+        let mut buf = [0u8; 16384];
+        let start = Instant::now();
+        while data.len() < 100_000 {
+            assert!(start.elapsed() < Duration::from_secs(20), "stream too slow");
+            let n = viewer.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended");
+            data.extend_from_slice(&buf[..n]);
+        }
+        let head_end = data.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&data[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        assert!(head.contains("Content-Type: video/webm\r\n"), "{head}");
+        let body = data[head_end..].to_vec();
+        // The WebM streamheader comes first: an EBML header.
+        assert_eq!(
+            &body[..4],
+            &[0x1a, 0x45, 0xdf, 0xa3],
+            "body does not start with EBML"
+        );
+        assert!(
+            decoded_frames(&body) > 0,
+            "capture of {path} does not decode"
+        );
+        received.push(body.len());
+    }
+    // The streamer reports each client's stats when it leaves, then exits.
+    let mut reports = Vec::new();
+    while reports.len() < 2 {
+        let line = read_line(&mut s_out);
+        if line.starts_with("client-removed") {
+            reports.push(line);
+        }
+    }
+    for (report, got) in reports.iter().zip(&received) {
+        let sent: usize = report
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("bytes-sent="))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            report.contains("status=closed") || report.contains("status=error"),
+            "{report}"
+        );
+        // The viewer left with bytes still in flight: it read at most what was sent.
+        assert!(sent >= *got, "{report}: viewer read {got}");
+    }
+    let status = streamer.0.wait().unwrap();
+    assert!(status.success(), "streamer exit: {status}");
+    assert!(porter.0.wait().unwrap().success());
+}
+
+/// Frames decoded from a WebM capture (cut at any point).
+fn decoded_frames(capture: &[u8]) -> u32 {
+    let path = std::env::temp_dir().join(format!(
+        "rsmfd-capture-{}-{}.webm",
+        std::process::id(),
+        capture.len()
+    ));
+    std::fs::write(&path, capture).unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location={} ! matroskademux ! vp8dec ! fakesink name=out signal-handoffs=true",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let frames = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let f = frames.clone();
+    pipeline
+        .by_name("out")
+        .unwrap()
+        .connect("handoff", false, move |_| {
+            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            None
+        });
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let _ = pipeline.bus().unwrap().timed_pop_filtered(
+        gst::ClockTime::from_seconds(20),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+    let _ = std::fs::remove_file(&path);
+    frames.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn porter_and_rust_streamer() {
+    run_pair(Command::new(target_dir().join("examples/streamer")));
+}
+
+#[test]
+fn porter_and_python_streamer() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
+    let mut cmd = Command::new(python);
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/streamer.py"))
+        .env("GST_PLUGIN_PATH", target_dir());
+    run_pair(cmd);
+}
