@@ -20,8 +20,8 @@ use crate::engine::core::{LogLevel, Shared, log};
 use crate::engine::{AUX_TOKEN, AddOutcome, Aux, ClientConfig};
 use crate::http::{self, Method, Parsed};
 
-/// The token of the listening socket; pending connections use higher numbers.
-const LISTENER_TOKEN: u64 = 0;
+/// Tokens below this are listening sockets; pending connections use higher numbers.
+const FIRST_PENDING_TOKEN: u64 = 16;
 
 /// What the server needs to know; the element keeps it current.
 #[derive(Debug, Clone)]
@@ -60,10 +60,13 @@ struct Pending {
     head: Vec<u8>,
     deadline: Instant,
     peer: SocketAddr,
+    /// Complete, waiting for the stream's caps.
+    request: Option<http::Request>,
 }
 
 pub struct Server {
-    listener: TcpListener,
+    /// One per address the host resolves to (`localhost`: 127.0.0.1 and ::1).
+    listeners: Vec<TcpListener>,
     pending: HashMap<u64, Pending>,
     next_token: u64,
     pub config: Arc<Mutex<ServerConfig>>,
@@ -72,21 +75,36 @@ pub struct Server {
     owned: Owned,
 }
 
-/// Binds `host:port` (port 0: any free port) with the given listen backlog.
-pub fn bind_listener(host: &str, port: u16, backlog: i32) -> std::io::Result<TcpListener> {
+/// Binds every address `host` resolves to, on `port` (0: a free port, the same for
+/// all), with the given listen backlog. Fails only if none can be bound.
+pub fn bind_listeners(host: &str, port: u16, backlog: i32) -> std::io::Result<Vec<TcpListener>> {
+    let mut addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    addrs.dedup();
+    // IPv4 first, so port 0 picks a port that IPv6 then usually also has free.
+    addrs.sort_by_key(|a| a.is_ipv6());
+    let mut bound: Vec<TcpListener> = Vec::new();
     let mut last = None;
-    for addr in (host, port).to_socket_addrs()? {
+    for mut addr in addrs {
+        if let Some(first) = bound.first() {
+            addr.set_port(first.local_addr()?.port());
+        }
         match bind_one(addr, backlog) {
-            Ok(l) => return Ok(l),
+            Ok(l) => bound.push(l),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            ErrorKind::NotFound,
-            format!("{host} resolves to no address"),
-        )
-    }))
+    if bound.is_empty() {
+        return Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                ErrorKind::NotFound,
+                format!("{host} resolves to no address"),
+            )
+        }));
+    }
+    if bound.len() > FIRST_PENDING_TOKEN as usize {
+        bound.truncate(FIRST_PENDING_TOKEN as usize);
+    }
+    Ok(bound)
 }
 
 fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
@@ -112,24 +130,27 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
 
 impl Server {
     pub fn new(
-        listener: TcpListener,
+        listeners: Vec<TcpListener>,
         config: Arc<Mutex<ServerConfig>>,
         client_config: Arc<Mutex<ClientConfig>>,
         owned: Owned,
     ) -> Self {
         Server {
-            listener,
+            listeners,
             pending: HashMap::new(),
-            next_token: LISTENER_TOKEN + 1,
+            next_token: FIRST_PENDING_TOKEN,
             config,
             client_config,
             owned,
         }
     }
 
-    fn accept_all(&mut self, shared: &Shared) {
+    fn accept_all(&mut self, shared: &Shared, which: usize) {
         loop {
-            match self.listener.accept() {
+            let Some(listener) = self.listeners.get(which) else {
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, peer)) => self.accepted(shared, stream, peer),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -172,6 +193,7 @@ impl Server {
             head: Vec::new(),
             deadline: Instant::now() + config.header_timeout,
             peer,
+            request: None,
         };
         self.pending.insert(token, pending);
         // Data may already be there: edge cases of level-triggered epoll aside, read now.
@@ -183,9 +205,9 @@ impl Server {
         let Some(p) = self.pending.get_mut(&token) else {
             return;
         };
-        let config = self.config.lock().unwrap().clone();
+        let max_head = self.config.lock().unwrap().max_header_size;
         let mut buf = [0u8; 2048];
-        let parsed = loop {
+        loop {
             match p.stream.read(&mut buf) {
                 Ok(0) => {
                     log!(
@@ -197,12 +219,21 @@ impl Server {
                     self.drop_pending(shared, token);
                     return;
                 }
+                // A complete request waits for caps: anything more is dropped.
+                Ok(_) if p.request.is_some() => continue,
                 Ok(n) => {
                     p.head.extend_from_slice(&buf[..n]);
-                    match http::parse_request(&p.head, config.max_header_size) {
+                    match http::parse_request(&p.head, max_head) {
                         Parsed::Incomplete => continue,
-                        Parsed::Request(r) => break Ok(r),
-                        Parsed::Refused(r) => break Err(r),
+                        Parsed::Request(r) => {
+                            p.request = Some(r);
+                            break;
+                        }
+                        Parsed::Refused(r) => {
+                            let (code, reason) = r.status();
+                            self.refuse(shared, token, code, reason);
+                            return;
+                        }
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
@@ -212,58 +243,66 @@ impl Server {
                     return;
                 }
             }
+        }
+        self.answer(shared, token);
+    }
+
+    /// Answers a complete request, unless the stream's caps are not known yet: then
+    /// it waits (until its deadline) so the Content-Type is right.
+    fn answer(&mut self, shared: &Shared, token: u64) {
+        let config = self.config.lock().unwrap().clone();
+        let Some(req) = self.pending.get(&token).and_then(|p| p.request.clone()) else {
+            return;
         };
-        let mut p = self
-            .take_pending(shared, token)
-            .expect("pending connection");
-        let (code, reason) = match parsed {
-            Err(r) => r.status(),
-            Ok(req) if config.mount.as_ref().is_some_and(|m| *m != req.path) => (404, "Not Found"),
-            Ok(_)
-                if config.max_clients > 0
-                    && shared.client_count() >= config.max_clients as usize =>
-            {
-                (503, "Service Unavailable")
-            }
-            Ok(req) => {
-                let content_type = config
-                    .content_type
-                    .as_deref()
-                    .unwrap_or("application/octet-stream");
-                let head = http::stream_head(content_type);
-                log!(
-                    shared.listener,
-                    Info,
-                    "{}: {:?} {} -> 200 ({content_type})",
-                    p.peer,
-                    req.method,
-                    req.path
-                );
-                if req.method == Method::Head {
-                    let _ = p.stream.write_all(&head);
-                    return;
-                }
-                // The head is small and the socket's buffer empty: one write does it.
-                match p.stream.write(&head) {
-                    Ok(n) if n == head.len() => self.hand_over(shared, p.stream, p.peer),
-                    _ => log!(
-                        shared.listener,
-                        Info,
-                        "{}: could not write the response head",
-                        p.peer
-                    ),
-                }
-                return;
-            }
+        if config.mount.as_ref().is_some_and(|m| *m != req.path) {
+            return self.refuse(shared, token, 404, "Not Found");
+        }
+        if config.max_clients > 0 && shared.client_count() >= config.max_clients as usize {
+            return self.refuse(shared, token, 503, "Service Unavailable");
+        }
+        let Some(content_type) = config.content_type else {
+            return;
         };
+        let Some(mut p) = self.take_pending(shared, token) else {
+            return;
+        };
+        let head = http::stream_head(&content_type);
         log!(
             shared.listener,
             Info,
-            "{}: refused with {code} {reason}",
-            p.peer
+            "{}: {:?} {} -> 200 ({content_type})",
+            p.peer,
+            req.method,
+            req.path
         );
-        let _ = p.stream.write(&http::error_head(code, reason));
-        let _ = p.stream.flush();
+        if req.method == Method::Head {
+            let _ = p.stream.write_all(&head);
+            return;
+        }
+        // The head is small and the socket's buffer empty: one write does it.
+        match p.stream.write(&head) {
+            Ok(n) if n == head.len() => self.hand_over(shared, p.stream, p.peer),
+            _ => log!(
+                shared.listener,
+                Info,
+                "{}: could not write the response head",
+                p.peer
+            ),
+        }
+    }
+
+    /// Answers with an error status and closes the connection.
+    fn refuse(&mut self, shared: &Shared, token: u64, code: u16, reason: &str) {
+        if let Some(mut p) = self.take_pending(shared, token) {
+            log!(
+                shared.listener,
+                Info,
+                "{}: refused with {code} {reason}",
+                p.peer
+            );
+            let _ = p.stream.write(&http::error_head(code, reason));
+            let _ = p.stream.flush();
+        }
     }
 
     fn hand_over(&mut self, shared: &Shared, stream: TcpStream, peer: SocketAddr) {
@@ -299,44 +338,51 @@ impl Server {
 
 impl Aux for Server {
     fn register(&mut self, shared: &Shared) -> std::io::Result<()> {
-        shared
-            .epoll
-            .add(
-                self.listener.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, AUX_TOKEN | LISTENER_TOKEN),
-            )
-            .map_err(Into::into)
+        for (i, l) in self.listeners.iter().enumerate() {
+            let event = EpollEvent::new(EpollFlags::EPOLLIN, AUX_TOKEN | i as u64);
+            shared.epoll.add(l.as_fd(), event)?;
+        }
+        Ok(())
     }
 
     fn unregister(&mut self, shared: &Shared) {
-        let _ = shared.epoll.delete(self.listener.as_fd());
+        for l in &self.listeners {
+            let _ = shared.epoll.delete(l.as_fd());
+        }
         self.close_pending(shared);
     }
 
     fn event(&mut self, shared: &Shared, token: u64, _flags: EpollFlags) {
-        if token == LISTENER_TOKEN {
-            self.accept_all(shared);
+        if token < FIRST_PENDING_TOKEN {
+            self.accept_all(shared, token as usize);
         } else {
             self.read_request(shared, token);
         }
     }
 
     fn tick(&mut self, shared: &Shared, now: Instant) -> Option<Instant> {
-        let expired: Vec<u64> = self
+        // Requests that waited for caps: answer those that can be answered now.
+        let waiting: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.request.is_some())
+            .map(|(t, _)| *t)
+            .collect();
+        for t in waiting {
+            self.answer(shared, t);
+        }
+        let expired: Vec<(u64, bool)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.deadline <= now)
-            .map(|(t, _)| *t)
+            .map(|(t, p)| (*t, p.request.is_some()))
             .collect();
-        for t in expired {
-            if let Some(mut p) = self.take_pending(shared, t) {
-                log!(
-                    shared.listener,
-                    Info,
-                    "{}: no complete request in time, closing",
-                    p.peer
-                );
-                let _ = p.stream.write(&http::error_head(408, "Request Timeout"));
+        for (t, complete) in expired {
+            if complete {
+                // The stream never started (no caps): nothing to serve yet.
+                self.refuse(shared, t, 503, "Service Unavailable");
+            } else {
+                self.refuse(shared, t, 408, "Request Timeout");
             }
         }
         self.pending.values().map(|p| p.deadline).min()

@@ -389,6 +389,11 @@ impl Engine {
         self.shared.wake();
     }
 
+    /// Wakes the IO thread (for the aux to look at what changed).
+    pub(crate) fn wake(&self) {
+        self.shared.wake();
+    }
+
     pub fn settings(&self) -> Settings {
         self.shared.lock().settings.clone()
     }

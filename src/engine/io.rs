@@ -64,6 +64,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         for ev in &events[..n] {
             if ev.data() == WAKER_TOKEN {
                 let _ = shared.waker.read();
+                // The aux may wait for something the waker announces (caps).
+                aux_due = Some(Instant::now());
             } else if ev.data() & AUX_TOKEN != 0 && ev.data() != WAKER_TOKEN {
                 aux_events.push((ev.data() & !AUX_TOKEN, ev.events()));
             } else {

@@ -84,23 +84,27 @@ impl RsTcpServerSink {
             let s = self.settings.lock().unwrap();
             (s.host.clone(), s.port, s.backlog)
         };
-        let listener = server::bind_listener(&host, port as u16, backlog).map_err(|e| {
+        let listeners = server::bind_listeners(&host, port as u16, backlog).map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::OpenRead,
                 ["cannot listen on {}:{}: {}", host, port, e]
             )
         })?;
-        let bound = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        let addrs: Vec<_> = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let bound = addrs.first().map_or(0, |a| a.port());
         *self.current_port.lock().unwrap() = i32::from(bound);
         gst::info!(
             CAT,
             imp = self,
-            "listening on {host}:{bound} (backlog {backlog})"
+            "listening on {addrs:?} (backlog {backlog})"
         );
         self.sync_server_config();
         let client_config = Arc::new(Mutex::new(self.add_config()));
         let srv = Server::new(
-            listener,
+            listeners,
             self.server_config.clone(),
             client_config,
             self.owned.clone(),
@@ -290,7 +294,10 @@ impl BaseSinkImpl for RsTcpServerSink {
         let content_type = super::content_type(caps);
         gst::debug!(CAT, imp = self, "serving {caps} as {content_type}");
         self.server_config.lock().unwrap().content_type = Some(content_type);
-        self.parent_set_caps(caps)
+        let result = self.parent_set_caps(caps);
+        // Requests that arrived before the caps are answered now.
+        self.with_base(|base| base.engine().wake());
+        result
     }
 }
 

@@ -1,0 +1,230 @@
+//! Every `gst-launch-1.0` recipe of the README, run verbatim (only the port is
+//! swapped for a free one, and a receiver's video sink for a counting fakesink),
+//! and played by a real client: HTTP recipes are fetched and decoded, the raw TCP
+//! recipe is played by its `tcpclientsrc` receiver line.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+/// The recipe lines of the README, without `gst-launch-1.0 `.
+fn recipes() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = readme.find("<!-- recipes -->").expect("recipes marker");
+    let end = readme
+        .find("<!-- /recipes -->")
+        .expect("recipes end marker");
+    readme[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Starts a server recipe on a free port; returns the pipeline and the port.
+fn start_server(recipe: &str) -> (gst::Pipeline, u16) {
+    let description = recipe
+        .split_whitespace()
+        .map(|w| if w.starts_with("port=") { "port=0" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let pipeline = gst::parse::launch(&description)
+        .unwrap_or_else(|e| panic!("{recipe}: {e}"))
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let sink = pipeline
+        .iterate_sinks()
+        .into_iter()
+        .flatten()
+        .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
+        .expect("recipe has rstcpserversink");
+    let port = sink.property::<i32>("current-port");
+    assert!(port > 0, "{recipe}: not listening");
+    (pipeline, port as u16)
+}
+
+/// Counts buffers reaching the sink named `out` of a decoding pipeline.
+fn counting(description: &str) -> (gst::Pipeline, Arc<AtomicU32>) {
+    let pipeline = gst::parse::launch(description)
+        .unwrap_or_else(|e| panic!("{description}: {e}"))
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let frames = Arc::new(AtomicU32::new(0));
+    let f = frames.clone();
+    pipeline
+        .by_name("out")
+        .unwrap()
+        .connect("handoff", false, move |_| {
+            f.fetch_add(1, Ordering::SeqCst);
+            None
+        });
+    (pipeline, frames)
+}
+
+/// Decodes a capture; returns how many buffers came out of the decoder.
+fn decode(capture: &[u8], decoder: &str) -> u32 {
+    let path = std::env::temp_dir().join(format!(
+        "rsmfd-recipe-{}-{}",
+        std::process::id(),
+        capture.len()
+    ));
+    std::fs::write(&path, capture).unwrap();
+    let (pipeline, frames) = counting(&format!(
+        "filesrc location={} ! {decoder} ! fakesink name=out signal-handoffs=true sync=false",
+        path.display()
+    ));
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let _ = pipeline.bus().unwrap().timed_pop_filtered(
+        gst::ClockTime::from_seconds(20),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+    let _ = std::fs::remove_file(&path);
+    frames.load(Ordering::SeqCst)
+}
+
+/// Fails the test with the server's error, if it posted one.
+fn check_no_error(server: &gst::Pipeline, recipe: &str) {
+    if let Some(msg) = server
+        .bus()
+        .unwrap()
+        .pop_filtered(&[gst::MessageType::Error])
+    {
+        panic!("{recipe}: the server pipeline failed: {msg:?}");
+    }
+}
+
+/// Fetches the stream over HTTP: the response head and `want` bytes of body.
+fn fetch(server: &gst::Pipeline, recipe: &str, port: u16, want: usize) -> (String, Vec<u8>) {
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16384];
+    let start = Instant::now();
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
+            && data.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&data[..end + 4]).to_string();
+            return (head, data[end + 4..].to_vec());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{recipe}: stream too slow"
+        );
+        check_no_error(server, recipe);
+        let n = match conn.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => panic!("{recipe}: {e}"),
+        };
+        assert!(
+            n > 0,
+            "{recipe}: connection closed after {} bytes",
+            data.len()
+        );
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// What a muxer's stream must be served as, and how to decode it.
+fn expectation(recipe: &str) -> (&'static str, &'static str) {
+    if recipe.contains("webmmux") {
+        ("video/webm", "matroskademux ! vp8dec")
+    } else if recipe.contains("oggmux") {
+        ("application/ogg", "oggdemux ! theoradec")
+    } else if recipe.contains("mpegtsmux") {
+        ("video/mp2t", "tsdemux ! mpegaudioparse ! mpg123audiodec")
+    } else if recipe.contains("multipartmux") {
+        (
+            "multipart/x-mixed-replace;boundary=",
+            "multipartdemux ! jpegdec",
+        )
+    } else if recipe.contains("flvmux") {
+        ("video/x-flv", "flvdemux ! mpegaudioparse ! mpg123audiodec")
+    } else {
+        panic!("no expectation for recipe {recipe}")
+    }
+}
+
+#[test]
+fn readme_http_recipes_play() {
+    common::init();
+    let http: Vec<String> = recipes()
+        .into_iter()
+        .filter(|r| r.contains("http=true"))
+        .collect();
+    assert!(http.len() >= 5, "README lost recipes: {http:?}");
+    for recipe in http {
+        let (content_type, decoder) = expectation(&recipe);
+        let (server, port) = start_server(&recipe);
+        // Audio streams are slow (128 kbit/s): a few seconds' worth is enough.
+        let want = if recipe.starts_with("audiotestsrc") {
+            12_000
+        } else {
+            60_000
+        };
+        let (head, body) = fetch(&server, &recipe, port, want);
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{recipe}: {head}");
+        assert!(
+            head.contains(&format!("Content-Type: {content_type}")),
+            "{recipe}: {head}"
+        );
+        assert!(
+            head.contains("Cache-Control: no-cache\r\n"),
+            "{recipe}: {head}"
+        );
+        let frames = decode(&body, decoder);
+        assert!(frames > 0, "{recipe}: the capture does not decode");
+        server.set_state(gst::State::Null).unwrap();
+    }
+}
+
+#[test]
+fn readme_raw_tcp_recipe_plays_to_its_receiver() {
+    common::init();
+    let all = recipes();
+    let receiver_at = all
+        .iter()
+        .position(|r| r.starts_with("tcpclientsrc"))
+        .expect("a tcpclientsrc receiver recipe");
+    let server_recipe = &all[receiver_at - 1];
+    assert!(!server_recipe.contains("http=true"));
+    let (server, port) = start_server(server_recipe);
+    let receiver = all[receiver_at]
+        .split_whitespace()
+        .map(|w| match w {
+            w if w.starts_with("port=") => format!("port={port} host=127.0.0.1"),
+            "autovideosink" => "fakesink name=out signal-handoffs=true sync=false".into(),
+            w => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let (client, frames) = counting(&receiver);
+    client.set_state(gst::State::Playing).unwrap();
+    let start = Instant::now();
+    while frames.load(Ordering::SeqCst) < 10 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "receiver got no frames"
+        );
+        if let Some(msg) = client.bus().unwrap().timed_pop_filtered(
+            gst::ClockTime::from_mseconds(100),
+            &[gst::MessageType::Error],
+        ) {
+            panic!("receiver error: {msg:?}");
+        }
+    }
+    client.set_state(gst::State::Null).unwrap();
+    server.set_state(gst::State::Null).unwrap();
+}
