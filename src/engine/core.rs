@@ -989,7 +989,7 @@ impl State {
                 c.streamheader = entry.streamheader.clone();
             }
             let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(c.outbox.len() + 16);
+            let mut iov = IoVec::new();
             let mut total = 0usize;
             for p in &c.outbox {
                 let bytes = &(*p.data).as_ref()[p.offset..];
@@ -1017,7 +1017,7 @@ impl State {
             let result = if total == 0 {
                 Ok(0)
             } else {
-                write_iov(c.fd, c.kind, &iov)
+                write_iov(c.fd, c.kind, iov.as_slice())
             };
             drop(iov);
             match result {
@@ -1067,6 +1067,56 @@ impl State {
             if let Some(r) = self.mark_removed(id, ClientStatus::Slow, shared) {
                 self.removed.push(r);
             }
+        }
+    }
+}
+
+/// The iovec of one write: on the stack for the usual handful of buffers, so the
+/// common write (one new buffer to a caught-up client) allocates nothing; on the
+/// heap only for a client catching up on many.
+struct IoVec<'a> {
+    inline: [IoSlice<'a>; INLINE_IOV],
+    len: usize,
+    heap: Vec<IoSlice<'a>>,
+}
+
+const INLINE_IOV: usize = 16;
+
+impl<'a> IoVec<'a> {
+    fn new() -> Self {
+        IoVec {
+            inline: [IoSlice::new(&[]); INLINE_IOV],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, s: IoSlice<'a>) {
+        if self.len < INLINE_IOV {
+            self.inline[self.len] = s;
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(MAX_IOV);
+                self.heap.extend_from_slice(&self.inline);
+            }
+            self.heap.push(s);
+        }
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn as_slice(&self) -> &[IoSlice<'a>] {
+        if self.len <= INLINE_IOV {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
         }
     }
 }
