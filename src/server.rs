@@ -257,7 +257,7 @@ impl Server {
         if config.mount.as_ref().is_some_and(|m| *m != req.path) {
             return self.refuse(shared, token, 404, "Not Found");
         }
-        if config.max_clients > 0 && shared.client_count() >= config.max_clients as usize {
+        if config.max_clients > 0 && shared.client_count_routed() >= config.max_clients as usize {
             return self.refuse(shared, token, 503, "Service Unavailable");
         }
         let Some(content_type) = config.content_type else {
@@ -312,7 +312,7 @@ impl Server {
         self.owned.lock().unwrap().insert(raw, fd);
         let config = *self.client_config.lock().unwrap();
         log!(shared.listener, Debug, "{peer}: streaming to fd {raw}");
-        if shared.add(raw, config) != AddOutcome::Added {
+        if shared.add_routed(raw, config) != AddOutcome::Added {
             self.owned.lock().unwrap().remove(&raw);
         }
     }

@@ -552,3 +552,50 @@ fn same_bytes_as_the_c_multifdsink() {
         "rsmultifdsink and multifdsink wrote different bytes"
     );
 }
+
+#[test]
+fn io_threads_spread_clients_and_every_one_gets_the_same_bytes() {
+    init();
+    let sink = gst::ElementFactory::make(SINK).build().unwrap();
+    sink.set_property("io-threads", 4u32);
+    assert_eq!(sink.property::<u32>("io-threads"), 4);
+    drop(sink);
+    let fed = Fed::new(SINK, &[("io-threads", "4"), ("sync-method", "latest")]);
+    // Changing the thread count while running is refused (and harmless).
+    fed.sink.set_property("io-threads", 2u32);
+    assert_eq!(fed.sink.property::<u32>("io-threads"), 4);
+    let rec = Recorder::attach(&fed.sink);
+    fed.caps(streamheader_caps(&[b"HEAD"]));
+    let pipes: Vec<_> = (0..20).map(|_| pipe()).collect();
+    for p in &pipes {
+        fed.add(raw(&p.1));
+    }
+    assert_eq!(fed.u32("num-handles"), 20);
+    let mut want = b"HEAD".to_vec();
+    for i in 0..50 {
+        fed.push(&b16(i), i % 5 != 0);
+        want.extend(b16(i));
+    }
+    for p in &pipes {
+        assert_eq!(read_exact(&p.0, want.len()), want);
+    }
+    fed.wait_u64("bytes-served", 20 * want.len() as u64);
+    assert_eq!(fed.u64("bytes-to-serve"), 50 * 16);
+    assert_eq!(fed.u32("buffers-queued"), 1);
+    // Removal and re-adding work whichever thread holds the client.
+    let fd = raw(&pipes[7].1);
+    fed.remove(fd);
+    assert_eq!(rec.events().last(), Some(&Event::FdRemoved(fd)));
+    fed.add(fd);
+    fed.push(b"after", false);
+    assert_eq!(read_exact(&pipes[7].0, 4 + 5), b"HEADafter");
+    assert_eq!(fed.u32("num-handles"), 20);
+    fed.stop();
+    assert_eq!(
+        rec.events()
+            .iter()
+            .filter(|e| matches!(e, Event::FdRemoved(_)))
+            .count(),
+        21
+    );
+}

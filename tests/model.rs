@@ -142,10 +142,11 @@ fn random_amount(rng: &mut Rng) -> Option<Amount> {
     }
 }
 
-fn run(seed: u64) {
+fn run(seed: u64, io_threads: usize) {
     let mut rng = Rng(seed);
     let removals = Arc::new(Removals::default());
     let engine = Engine::new(removals.clone()).unwrap();
+    engine.set_io_threads(io_threads).unwrap();
     // Keep the whole stream queued so the model need not know about trimming.
     engine.set_settings(Settings {
         buffers_min: Some(100_000),
@@ -245,6 +246,14 @@ fn run(seed: u64) {
 #[test]
 fn engine_matches_reference_model() {
     for seed in 1..=40u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1);
+    }
+}
+
+/// The same with clients spread over three IO threads.
+#[test]
+fn sharded_engine_matches_reference_model() {
+    for seed in 41..=60u64 {
+        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3);
     }
 }

@@ -143,6 +143,8 @@ pub(crate) struct Shared {
     pub stop: AtomicBool,
     pub listener: Arc<dyn Listener>,
     pub aux: Mutex<Option<Box<dyn Aux>>>,
+    /// Where an aux's new clients go (all shards), once the engine set it.
+    pub router: std::sync::OnceLock<std::sync::Weak<dyn ClientSink>>,
 }
 
 /// Epoll tokens with this bit belong to the `Aux`.
@@ -161,8 +163,15 @@ pub(crate) trait Aux: Send {
     fn tick(&mut self, shared: &Shared, now: Instant) -> Option<Instant>;
 }
 
-/// The fan-out engine. Cheap to share: clone the `Arc` it lives in.
-pub struct Engine {
+/// Adds clients on behalf of an aux: the engine routes them to a shard.
+pub(crate) trait ClientSink: Send + Sync {
+    fn add(&self, fd: Fd, config: ClientConfig) -> AddOutcome;
+    fn client_count(&self) -> usize;
+}
+
+/// One IO thread with its clients and its own copy of the queue (the buffers
+/// themselves are shared). The engine (`super::Engine`) runs one or more.
+pub(crate) struct Shard {
     pub(crate) shared: Arc<Shared>,
     thread: Mutex<Option<(JoinHandle<()>, ThreadId)>>,
 }
@@ -244,6 +253,22 @@ impl Shared {
         AddOutcome::Added
     }
 
+    /// Adds a client through the engine, so it lands on the right shard.
+    pub fn add_routed(&self, fd: Fd, config: ClientConfig) -> AddOutcome {
+        match self.router.get().and_then(|r| r.upgrade()) {
+            Some(router) => router.add(fd, config),
+            None => self.add(fd, config),
+        }
+    }
+
+    /// Clients of the whole engine.
+    pub fn client_count_routed(&self) -> usize {
+        match self.router.get().and_then(|r| r.upgrade()) {
+            Some(router) => router.client_count(),
+            None => self.client_count(),
+        }
+    }
+
     /// Clients that are not being removed.
     pub fn client_count(&self) -> usize {
         self.lock()
@@ -273,8 +298,8 @@ impl Shared {
     }
 }
 
-impl Engine {
-    pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Engine> {
+impl Shard {
+    pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Shard> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         let waker =
             EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
@@ -295,7 +320,7 @@ impl Engine {
             bytes_served: 0,
             scratch: vec![0; 4096],
         };
-        Ok(Engine {
+        Ok(Shard {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
                 epoll,
@@ -303,9 +328,14 @@ impl Engine {
                 stop: AtomicBool::new(false),
                 listener,
                 aux: Mutex::new(None),
+                router: std::sync::OnceLock::new(),
             }),
             thread: Mutex::new(None),
         })
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.thread.lock().unwrap().is_some()
     }
 
     /// Starts the IO thread; clients can be added from now on.
@@ -392,10 +422,6 @@ impl Engine {
     /// Wakes the IO thread (for the aux to look at what changed).
     pub(crate) fn wake(&self) {
         self.shared.wake();
-    }
-
-    pub fn settings(&self) -> Settings {
-        self.shared.lock().settings.clone()
     }
 
     /// Adds a client. `client-added` is emitted before this returns; a bad fd is
@@ -576,7 +602,7 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
+impl Drop for Shard {
     fn drop(&mut self) {
         self.stop();
     }

@@ -9,13 +9,15 @@ mod client;
 pub(crate) mod core;
 mod io;
 mod queue;
+mod router;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use self::client::ClientStats;
 pub(crate) use self::core::{AUX_TOKEN, Aux};
-pub use self::core::{AddOutcome, Counters, Engine, Listener, LogLevel, Settings};
+pub use self::core::{AddOutcome, Counters, Listener, LogLevel, Settings};
+pub use self::router::Engine;
 
 /// The bytes of one buffer, shared by every client that sends it.
 ///

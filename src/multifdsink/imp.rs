@@ -404,6 +404,13 @@ impl ObjectImpl for RsMultiFdSink {
                     .blurb("The current number of client handles")
                     .read_only()
                     .build(),
+                glib::ParamSpecUInt::builder("io-threads")
+                    .nick("IO threads")
+                    .blurb("Threads writing to clients (clients are spread over them); changes only in NULL")
+                    .minimum(1)
+                    .maximum(64)
+                    .default_value(1)
+                    .build(),
                 glib::ParamSpecBoolean::builder("request-keyframe")
                     .nick("Request keyframe")
                     .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
@@ -536,6 +543,14 @@ impl ObjectImpl for RsMultiFdSink {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        if pspec.name() == "io-threads" {
+            let threads = value.get::<u32>().unwrap() as usize;
+            match self.engine().set_io_threads(threads) {
+                Ok(()) => gst::debug!(CAT, imp = self, "{threads} IO threads"),
+                Err(e) => gst::warning!(CAT, imp = self, "io-threads not changed: {e}"),
+            }
+            return;
+        }
         let mut s = self.settings.lock().unwrap();
         match pspec.name() {
             "buffers-max" => s.units_max = value.get::<i32>().unwrap().into(),
@@ -563,6 +578,9 @@ impl ObjectImpl for RsMultiFdSink {
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        if pspec.name() == "io-threads" {
+            return (self.engine().io_threads() as u32).to_value();
+        }
         let s = self.settings.lock().unwrap();
         let clamp_i32 = |v: i64| v.clamp(-1, i32::MAX as i64) as i32;
         match pspec.name() {
