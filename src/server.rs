@@ -51,6 +51,14 @@ impl Default for ServerConfig {
     }
 }
 
+/// How long accepting pauses when the process is out of fds.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How long a refused connection is drained before it is closed, and how often.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_POLL: Duration = Duration::from_millis(50);
+/// The most a refused connection may still send before it is closed anyway.
+const LINGER_BYTES: usize = 256 * 1024;
+
 /// Sockets the server accepted and so must close once the engine forgot them.
 pub type Owned = Arc<Mutex<HashMap<RawFd, OwnedFd>>>;
 
@@ -67,6 +75,11 @@ struct Pending {
 pub struct Server {
     /// One per address the host resolves to (`localhost`: 127.0.0.1 and ::1).
     listeners: Vec<TcpListener>,
+    /// Out of fds: accepting resumes at this time.
+    accept_paused_until: Option<Instant>,
+    /// Refused connections being drained before they are closed: stream, deadline,
+    /// bytes drained.
+    closing: Vec<(TcpStream, Instant, usize)>,
     pending: HashMap<u64, Pending>,
     next_token: u64,
     pub config: Arc<Mutex<ServerConfig>>,
@@ -137,6 +150,8 @@ impl Server {
     ) -> Self {
         Server {
             listeners,
+            accept_paused_until: None,
+            closing: Vec::new(),
             pending: HashMap::new(),
             next_token: FIRST_PENDING_TOKEN,
             config,
@@ -154,10 +169,33 @@ impl Server {
                 Ok((stream, peer)) => self.accepted(shared, stream, peer),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // Out of fds, aborted connections: nothing to do for this one.
-                Err(e) => {
-                    log!(shared.listener, Warning, "accept failed: {e}");
+                // Out of fds or memory: the connection stays queued and the
+                // listener readable, so stop watching it for a while rather than
+                // spin; tick() watches it again.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            nix::libc::EMFILE
+                                | nix::libc::ENFILE
+                                | nix::libc::ENOBUFS
+                                | nix::libc::ENOMEM
+                        )
+                    ) =>
+                {
+                    log!(
+                        shared.listener,
+                        Warning,
+                        "accept failed: {e}; pausing accepts for {ACCEPT_PAUSE:?}"
+                    );
+                    let _ = shared.epoll.delete(listener.as_fd());
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     return;
+                }
+                // An aborted connection: nothing to do for this one.
+                Err(e) => {
+                    log!(shared.listener, Info, "accept failed: {e}");
+                    continue;
                 }
             }
         }
@@ -223,6 +261,13 @@ impl Server {
                 Ok(_) if p.request.is_some() => continue,
                 Ok(n) => {
                     p.head.extend_from_slice(&buf[..n]);
+                    // Parse again only when the head may have ended (or grown too
+                    // large, or just started), so a slow large head costs linear time.
+                    let from = p.head.len().saturating_sub(n + 3);
+                    let may_end = p.head[from..].contains(&b'\n');
+                    if !may_end && p.head.len() <= max_head && p.head.len() > n {
+                        continue;
+                    }
                     match http::parse_request(&p.head, max_head) {
                         Parsed::Incomplete => continue,
                         Parsed::Request(r) => {
@@ -301,8 +346,33 @@ impl Server {
                 p.peer
             );
             let _ = p.stream.write(&http::error_head(code, reason));
-            let _ = p.stream.flush();
+            // Closing with unread request bytes would send a reset that can destroy
+            // the answer in flight: end our side, then drain theirs for a while.
+            let _ = p.stream.shutdown(std::net::Shutdown::Write);
+            self.closing.push((p.stream, Instant::now() + LINGER, 0));
         }
+    }
+
+    /// Drains refused connections until the peer closes, the deadline passes or
+    /// they sent too much; then closes them.
+    fn drain_closing(&mut self, now: Instant) {
+        let mut buf = [0u8; 4096];
+        self.closing.retain_mut(|(stream, deadline, drained)| {
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => return false,
+                    Ok(n) => {
+                        *drained += n;
+                        if *drained > LINGER_BYTES {
+                            return false;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return *deadline > now,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(_) => return false,
+                }
+            }
+        });
     }
 
     fn hand_over(&mut self, shared: &Shared, stream: TcpStream, peer: SocketAddr) {
@@ -350,6 +420,7 @@ impl Aux for Server {
             let _ = shared.epoll.delete(l.as_fd());
         }
         self.close_pending(shared);
+        self.closing.clear();
     }
 
     fn event(&mut self, shared: &Shared, token: u64, _flags: EpollFlags) {
@@ -361,6 +432,13 @@ impl Aux for Server {
     }
 
     fn tick(&mut self, shared: &Shared, now: Instant) -> Option<Instant> {
+        if self.accept_paused_until.is_some_and(|t| t <= now) {
+            self.accept_paused_until = None;
+            for (i, l) in self.listeners.iter().enumerate() {
+                let event = EpollEvent::new(EpollFlags::EPOLLIN, AUX_TOKEN | i as u64);
+                let _ = shared.epoll.add(l.as_fd(), event);
+            }
+        }
         // Requests that waited for caps: answer those that can be answered now.
         let waiting: Vec<u64> = self
             .pending
@@ -385,7 +463,16 @@ impl Aux for Server {
                 self.refuse(shared, t, 408, "Request Timeout");
             }
         }
-        self.pending.values().map(|p| p.deadline).min()
+        self.drain_closing(now);
+        let drain_poll = (!self.closing.is_empty()).then(|| now + LINGER_POLL);
+        [
+            self.pending.values().map(|p| p.deadline).min(),
+            drain_poll,
+            self.accept_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

@@ -60,6 +60,8 @@ pub struct RsTcpServerSink {
     server_config: Arc<Mutex<ServerConfig>>,
     /// Sockets accepted by us, closed once the engine forgot them.
     owned: Owned,
+    /// How accepted sockets join: `add`'s sync method and burst, kept current.
+    client_config: Arc<Mutex<ClientConfig>>,
 }
 
 impl RsTcpServerSink {
@@ -102,7 +104,8 @@ impl RsTcpServerSink {
             "listening on {addrs:?} (backlog {backlog})"
         );
         self.sync_server_config();
-        let client_config = Arc::new(Mutex::new(self.add_config()));
+        *self.client_config.lock().unwrap() = self.add_config();
+        let client_config = self.client_config.clone();
         let srv = Server::new(
             listeners,
             self.server_config.clone(),
@@ -245,6 +248,13 @@ impl ObjectImpl for RsTcpServerSink {
 
     fn constructed(&self) {
         self.parent_constructed();
+        // Accepted sockets join as `add` would now: follow changes while running.
+        self.obj().connect_notify(None, |obj, pspec| {
+            if matches!(pspec.name(), "sync-method" | "burst-format" | "burst-value") {
+                let imp = obj.imp();
+                *imp.client_config.lock().unwrap() = imp.add_config();
+            }
+        });
         let owned = self.owned.clone();
         self.with_base(|base| {
             let _ = base.fd_removed_hook.set(Box::new(move |fd| {
