@@ -3,6 +3,7 @@
 the client count, for each element (rsmultifdsink, C multifdsink, raw writev floor).
 
     scripts/bench-plot.py bench.csv [-o docs/benchmark.svg] [--size 4096]
+    scripts/bench-plot.py bench.csv --markdown     # median tables for docs/benchmark.md
 
 Reads the CSV written by `cargo run --release --example fanout-bench -- --csv bench.csv`,
 takes the median over repetitions of every (transport, bitrate, element, clients) case
@@ -61,6 +62,12 @@ def load(path, size):
             if vals:
                 panel = (transport, bitrate, sz)
                 data[panel][(elem, metric)][clients] = statistics.median(vals)
+        # Overloaded: a client kicked or lost, under 99 % delivered, or the producer
+        # behind its schedule (medians over repetitions).
+        med = lambda k: statistics.median(float(r[k]) for r in rows)
+        over = (med("kicked") + med("lost") > 0 or med("delivered_ratio") < 0.99
+                or med("push_rate_ratio") < 0.97)
+        data[(transport, bitrate, sz)][(elem, "overloaded")][clients] = over
     return data, sizes
 
 
@@ -99,8 +106,8 @@ def log_range(values):
     return lo, hi
 
 
-def panel_svg(out, x0, y0, series, title, ylabel, xr):
-    """series: {elem: {clients: value}}"""
+def panel_svg(out, x0, y0, series, title, ylabel, xr, overloaded):
+    """series: {elem: {clients: value}}; overloaded: {elem: {clients: bool}}"""
     pw = PANEL_W - MARGIN_L - MARGIN_R
     ph = PANEL_H - MARGIN_T - MARGIN_B
     ox, oy = x0 + MARGIN_L, y0 + MARGIN_T
@@ -135,8 +142,123 @@ def panel_svg(out, x0, y0, series, title, ylabel, xr):
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash_attr}/>')
         for c, v in pts:
-            out.append(f'<circle cx="{sx(c):.1f}" cy="{sy(v):.1f}" r="3" fill="{color}">'
-                       f'<title>{elem} {c} clients: {v:.4g}</title></circle>')
+            over = overloaded.get(elem, {}).get(c, False)
+            fill = "white" if over else color
+            note = " (overloaded)" if over else ""
+            out.append(f'<circle cx="{sx(c):.1f}" cy="{sy(v):.1f}" r="{4 if over else 3}" fill="{fill}" '
+                       f'stroke="{color}" stroke-width="1.5">'
+                       f'<title>{elem} {c} clients: {v:.4g}{note}</title></circle>')
+
+
+def markdown(path):
+    """Median tables (one per transport, bitrate and size) and the sustain results, as
+    Markdown, for docs/benchmark.md."""
+    groups = defaultdict(list)
+    sustain = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["mode"] in ("matrix", "raw"):
+                groups[(row["transport"], row["bitrate"], int(row["size"]))].append(row)
+            elif row["mode"] == "sustain":
+                sustain.append(row)
+
+    def med(rows, key):
+        vals = []
+        for r in rows:
+            try:
+                v = float(r[key])
+            except ValueError:
+                continue
+            if math.isfinite(v):
+                vals.append(v)
+        return statistics.median(vals) if vals else float("nan")
+
+    def num(v, digits=3):
+        if not math.isfinite(v):
+            return "-"
+        if v >= 100:
+            return f"{v:.0f}"
+        if v >= 10:
+            return f"{v:.1f}"
+        return f"{v:.{digits}g}" if v < 1 else f"{v:.2f}"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if math.isfinite(a) and math.isfinite(b) and b > 0 else "-"
+
+    def key(k):
+        transport, bitrate, size = k
+        rate = float("inf") if bitrate == "max" else float(bitrate.rstrip("kMG")) * {
+            "k": 1e3, "M": 1e6, "G": 1e9}.get(bitrate[-1], 1)
+        return (transport != "unix", size, -rate)
+
+    for k in sorted(groups, key=key):
+        transport, bitrate, size = k
+        rows = groups[k]
+        reps = max(int(r["rep"]) for r in rows) + 1
+        rate = "unpaced (max)" if bitrate == "max" else f"{bitrate}bit/s per client"
+        print(f"\n#### {transport}, {size // 1024 if size >= 1024 else size}"
+              f"{' KiB' if size >= 1024 else ' B'} buffers, {rate} (median of {reps})\n")
+        print("| clients | CPU s/GB rs | C | raw | rs/C | rs/raw | p99 ms rs | C | rs/C "
+              "| push p99 µs rs | C | Gbit/s rs | C | peak RSS MB rs | C | other load | notes |")
+        print("|" + "---:|" * 16 + "---|")
+        by_clients = defaultdict(lambda: defaultdict(list))
+        for r in rows:
+            by_clients[int(r["clients"])][r["element"]].append(r)
+        for clients in sorted(by_clients):
+            e = by_clients[clients]
+            m = {el: {kk: med(e[el], kk) for kk in (
+                "cpu_s_per_gb", "p99_ms", "push_p99_us", "gbit_s", "peak_rss_mb", "kicked",
+                "lost", "delivered_ratio", "push_rate_ratio", "foreign_pct")} for el in e}
+            get = lambda el, kk: m.get(el, {}).get(kk, float("nan"))
+            notes = []
+            for el in ("rs", "c", "raw"):
+                if el not in m:
+                    continue
+                bad = []
+                if get(el, "kicked") > 0:
+                    bad.append(f"{get(el, 'kicked'):.0f} kicked")
+                if get(el, "lost") > 0:
+                    bad.append(f"{get(el, 'lost'):.0f} lost")
+                if get(el, "delivered_ratio") < 0.99:
+                    bad.append(f"{get(el, 'delivered_ratio') * 100:.0f}% delivered")
+                if get(el, "push_rate_ratio") < 0.97:
+                    bad.append(f"producer at {get(el, 'push_rate_ratio') * 100:.0f}% of the rate")
+                if bad:
+                    notes.append(f"{el}: " + ", ".join(bad))
+            load = statistics.median(float(r["foreign_pct"]) for el in e for r in e[el])
+            print(f"| {clients} | {num(get('rs', 'cpu_s_per_gb'))} | {num(get('c', 'cpu_s_per_gb'))} "
+                  f"| {num(get('raw', 'cpu_s_per_gb'))} "
+                  f"| {ratio(get('rs', 'cpu_s_per_gb'), get('c', 'cpu_s_per_gb'))} "
+                  f"| {ratio(get('rs', 'cpu_s_per_gb'), get('raw', 'cpu_s_per_gb'))} "
+                  f"| {num(get('rs', 'p99_ms'))} | {num(get('c', 'p99_ms'))} "
+                  f"| {ratio(get('rs', 'p99_ms'), get('c', 'p99_ms'))} "
+                  f"| {num(get('rs', 'push_p99_us'))} | {num(get('c', 'push_p99_us'))} "
+                  f"| {num(get('rs', 'gbit_s'))} | {num(get('c', 'gbit_s'))} "
+                  f"| {num(get('rs', 'peak_rss_mb'))} | {num(get('c', 'peak_rss_mb'))} "
+                  f"| {load:.0f}% | {'; '.join(notes)} |")
+    if sustain:
+        print("\n#### Highest client count sustained without a kick\n")
+        elems = sorted({r["element"] for r in sustain}, key=lambda x: ORDER.index(x) if x in ORDER else 9)
+        print("| transport | bitrate | buffer | " + " | ".join(elems) + (" | rs/C |" if {"rs", "c"} <= set(elems) else " |"))
+        print("|---|---:|---:|" + "---:|" * (len(elems) + ({"rs", "c"} <= set(elems))))
+        cases = sorted({(r["transport"], r["bitrate"], r["size"]) for r in sustain},
+                       key=lambda c: (c[0] != "unix", c[1]))
+        for t, b, sz in cases:
+            vals = {}
+            cells = []
+            for el in elems:
+                rs = [r for r in sustain if (r["transport"], r["bitrate"], r["size"], r["element"]) == (t, b, sz, el)]
+                if not rs:
+                    cells.append("-")
+                    continue
+                n = statistics.median(int(r["clients"]) for r in rs)
+                capped = any(r["status"] == "capped" for r in rs)
+                vals[el] = n
+                cells.append(f"{'≥ ' if capped else ''}{n:.0f}")
+            line = f"| {t} | {b}bit/s | {int(sz) // 1024} KiB | " + " | ".join(cells) + " |"
+            if {"rs", "c"} <= set(elems):
+                line += f" {ratio(vals.get('rs', float('nan')), vals.get('c', float('nan')))} |"
+            print(line)
 
 
 def main():
@@ -146,7 +268,14 @@ def main():
     ap.add_argument("--size", type=int, default=None,
                     help="buffer size to plot (default: the most common one in the CSV)")
     ap.add_argument("--title", default="fanout-bench: rsmultifdsink vs multifdsink")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the median tables (and sustain results) as Markdown; "
+                         "with no -o given, write no plot")
     args = ap.parse_args()
+    if args.markdown:
+        markdown(args.csv)
+        if "-o" not in sys.argv and "--output" not in sys.argv:
+            return
 
     size = args.size
     if size is None:
@@ -171,7 +300,7 @@ def main():
 
     panels = sorted(data, key=panel_key)
     xr = log_range([c for p in panels for s in data[p].values() for c in s])
-    width = PANEL_W * len(panels)
+    width = max(PANEL_W * len(panels), 1000)
     height = TITLE_H + PANEL_H * len(METRICS) + LEGEND_H
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif">',
@@ -185,8 +314,9 @@ def main():
         rate = "unpaced (max)" if bitrate == "max" else f"{bitrate}bit/s per client"
         for row, (metric, label) in enumerate(METRICS):
             series = {elem: data[panel].get((elem, metric), {}) for elem in ORDER}
+            overloaded = {elem: data[panel].get((elem, "overloaded"), {}) for elem in ORDER}
             panel_svg(out, col * PANEL_W, TITLE_H + row * PANEL_H, series,
-                      f"{transport}, {rate}", label, xr)
+                      f"{transport}, {rate}", label, xr, overloaded)
     ly = TITLE_H + PANEL_H * len(METRICS) + 20
     x = 20
     for elem in ORDER:
@@ -195,6 +325,9 @@ def main():
         out.append(f'<line x1="{x}" y1="{ly}" x2="{x + 30}" y2="{ly}" stroke="{color}" stroke-width="2"{dash_attr}/>')
         out.append(f'<text x="{x + 36}" y="{ly + 4}" font-size="12">{escape(name)}</text>')
         x += 200
+    out.append(f'<circle cx="{x + 10}" cy="{ly}" r="4" fill="white" stroke="#333" stroke-width="1.5"/>')
+    out.append(f'<text x="{x + 20}" y="{ly + 4}" font-size="12">overloaded: a client kicked, &lt;99% '
+               f'delivered or producer behind schedule</text>')
     out.append("</svg>")
     with open(args.output, "w") as f:
         f.write("\n".join(out) + "\n")

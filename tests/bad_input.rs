@@ -82,7 +82,8 @@ fn empty_and_64_mib_buffers() {
     let huge: Vec<u8> = (0..64 << 20).map(|i: u32| (i % 251) as u8).collect();
     // A reader drains while the sink writes: the streaming thread never waits.
     let reader = std::thread::spawn(move || {
-        let got = read_exact(&a, 1 + (64 << 20) + 3);
+        // Generous: under valgrind 64 MiB take a while.
+        let got = read_exact_within(&a, 1 + (64 << 20) + 3, std::time::Duration::from_secs(300));
         (got, a)
     });
     fed.push(&huge, false);

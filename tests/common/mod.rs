@@ -135,11 +135,16 @@ pub fn pipe() -> (OwnedFd, OwnedFd) {
 
 /// Reads exactly `n` bytes within the deadline.
 pub fn read_exact(fd: impl AsFd, n: usize) -> Vec<u8> {
+    read_exact_within(fd, n, DEADLINE)
+}
+
+/// Reads exactly `n` bytes within `deadline`.
+pub fn read_exact_within(fd: impl AsFd, n: usize, deadline: Duration) -> Vec<u8> {
     let mut out = vec![0; n];
     let mut got = 0;
     let start = Instant::now();
     while got < n {
-        let left = DEADLINE.saturating_sub(start.elapsed());
+        let left = deadline.saturating_sub(start.elapsed());
         assert!(!left.is_zero(), "timed out after {got} of {n} bytes");
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         let ms = PollTimeout::from(left.as_millis().min(10_000) as u16);
