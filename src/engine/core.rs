@@ -290,7 +290,17 @@ impl Shared {
     /// Emits the signals of clients already marked removed, then forgets them.
     pub fn finish_removals(&self, removed: Vec<(ClientId, RawFd, ClientStatus)>) {
         for (id, fd, status) in removed {
-            log!(self.listener, Info, "client fd {fd}: removed ({status:?})");
+            if let Some(c) = self.lock().clients.get(&id) {
+                let s = c.stats();
+                log!(
+                    self.listener,
+                    Info,
+                    "client fd {fd}: removed ({status:?}) after {} bytes in {:.3} s, {} buffers dropped",
+                    s.bytes_sent,
+                    s.connect_duration as f64 / 1e9,
+                    s.buffers_dropped
+                );
+            }
             self.listener.client_removed(fd, status);
             self.lock().forget(id, &self.epoll);
             self.listener.client_fd_removed(fd);
