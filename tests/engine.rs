@@ -2077,3 +2077,36 @@ fn trimming_by_mins_and_keyframe() {
     f.push(key(b(6)));
     assert_eq!(f.buffers_queued(), 1);
 }
+
+/// A `clear` on another thread while `client-added` is being emitted: the removal
+/// signals wait until `client-added` returned (the app must never see
+/// `client-fd-removed`, and close the fd, while `client-added` for it runs).
+#[test]
+fn removal_during_client_added_waits_for_it() {
+    let f = Fixture::new(Settings::default());
+    let (_r, w) = f.pipe();
+    let seen_during_added: Arc<Mutex<Option<Vec<Ev>>>> = Default::default();
+    let seen = seen_during_added.clone();
+    let rec = f.rec.clone();
+    f.rec.set_on_added(move |engine, _fd| {
+        let engine = engine.clone();
+        std::thread::spawn(move || engine.clear()).join().unwrap();
+        *seen.lock().unwrap() = Some(rec.events());
+    });
+    f.add(w, latest());
+    let during = seen_during_added.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        during,
+        vec![Ev::Added(w)],
+        "removal signals overtook client-added"
+    );
+    assert_eq!(
+        f.rec.events_of(w),
+        vec![
+            Ev::Added(w),
+            Ev::Removed(w, ClientStatus::Removed),
+            Ev::FdRemoved(w)
+        ]
+    );
+    assert!(!f.engine.has_client(w));
+}

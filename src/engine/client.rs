@@ -90,6 +90,8 @@ pub(crate) struct Client {
     pub had_streamheader: bool,
     /// `remove-flush`: send up to (not including) this position, then go.
     pub flush_until: Option<u64>,
+    /// Removed while still in `Adding`: the adding thread removes it with this status.
+    pub removal_requested: Option<ClientStatus>,
     pub status: ClientStatus,
     pub connected_at: Instant,
     pub connected_wall: SystemTime,
@@ -132,6 +134,7 @@ impl Client {
             streamheader: None,
             had_streamheader: false,
             flush_until: None,
+            removal_requested: None,
             status: ClientStatus::Ok,
             connected_at: now,
             connected_wall: SystemTime::now(),

@@ -235,6 +235,14 @@ impl Shared {
         shared.listener.client_added(fd);
         let mut st = shared.lock();
         if let Some(c) = st.clients.get_mut(&id).filter(|c| c.phase == Phase::Adding) {
+            if let Some(status) = c.removal_requested {
+                // Removed (clear, remove, stop) while client-added was emitted.
+                c.phase = Phase::Joining;
+                let removed = st.mark_removed(id, status, shared);
+                drop(st);
+                shared.finish_removals(removed.into_iter().collect());
+                return AddOutcome::Added;
+            }
             if matches!(c.watch, Watch::Broken(_)) {
                 c.phase = Phase::Ready;
                 st.ready.push_back(id);
@@ -460,10 +468,17 @@ impl Shard {
     pub fn remove(&self, fd: Fd, status: ClientStatus) -> bool {
         let removed = {
             let mut st = self.shared.lock();
-            st.by_fd
-                .get(&fd)
-                .copied()
-                .and_then(|id| st.mark_removed(id, status, &self.shared))
+            let id = st.by_fd.get(&fd).copied();
+            let removed = id.and_then(|id| st.mark_removed(id, status, &self.shared));
+            // Being added on another thread: that thread removes it after client-added.
+            if removed.is_none()
+                && id
+                    .and_then(|id| st.clients.get(&id))
+                    .is_some_and(|c| c.removal_requested.is_some())
+            {
+                return true;
+            }
+            removed
         };
         match removed {
             Some(r) => {
@@ -854,6 +869,12 @@ impl State {
     ) -> Option<(ClientId, RawFd, ClientStatus)> {
         let c = self.clients.get_mut(&id)?;
         if c.phase == Phase::Removing {
+            return None;
+        }
+        if c.phase == Phase::Adding {
+            // `client-added` is being emitted on the adding thread: removal signals
+            // must not overtake it, so that thread removes the client right after.
+            c.removal_requested.get_or_insert(status);
             return None;
         }
         c.phase = Phase::Removing;

@@ -1,0 +1,29 @@
+//! The stress program (`examples/stress.rs`, issue 5) in its short form: streams
+//! through `rsmultifdsink` under client churn, faults, concurrent action signals,
+//! property changes and state cycles, and fails if any of its checks fails. Its
+//! figures are printed with `cargo test --test stress -- --nocapture`; the long form is
+//! `cargo run --release --example stress -- --long`.
+
+#[path = "../examples/stress.rs"]
+#[allow(dead_code)]
+mod stress;
+
+#[test]
+fn stress_short_form() {
+    let report = stress::run(&stress::Options::short());
+    let all = report.lines.join("\n");
+    assert_eq!(
+        report.lines.last().map(String::as_str),
+        Some(format!("stress: {} passed, {} failed", report.passed, report.failed).as_str()),
+        "{all}"
+    );
+    assert!(report.passed >= 22, "too few checks ran:\n{all}");
+    assert_eq!(report.failed, 0, "stress checks failed:\n{all}");
+    assert!(
+        report
+            .lines
+            .iter()
+            .any(|l| l.starts_with("stress: connect/disconnect events ")),
+        "no event figure:\n{all}"
+    );
+}
