@@ -92,6 +92,8 @@ pub(crate) struct Client {
     pub flush_until: Option<u64>,
     /// Removed while still in `Adding`: the adding thread removes it with this status.
     pub removal_requested: Option<ClientStatus>,
+    /// The thread inside `add` while the client is `Adding`.
+    pub adding_thread: Option<std::thread::ThreadId>,
     pub status: ClientStatus,
     pub connected_at: Instant,
     pub connected_wall: SystemTime,
@@ -135,6 +137,7 @@ impl Client {
             had_streamheader: false,
             flush_until: None,
             removal_requested: None,
+            adding_thread: Some(std::thread::current().id()),
             status: ClientStatus::Ok,
             connected_at: now,
             connected_wall: SystemTime::now(),

@@ -871,9 +871,10 @@ impl State {
         if c.phase == Phase::Removing {
             return None;
         }
-        if c.phase == Phase::Adding {
-            // `client-added` is being emitted on the adding thread: removal signals
+        if c.phase == Phase::Adding && c.adding_thread != Some(std::thread::current().id()) {
+            // `client-added` is being emitted on another thread: removal signals
             // must not overtake it, so that thread removes the client right after.
+            // (A handler of client-added removing it on that thread is served now.)
             c.removal_requested.get_or_insert(status);
             return None;
         }
