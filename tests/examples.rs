@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gst::prelude::*;
-
 /// target/<profile>, where the examples and the plugin are built.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -126,38 +124,9 @@ fn run_pair(streamer: Command) {
     assert!(porter.0.wait().unwrap().success());
 }
 
-/// Frames decoded from a WebM capture (cut at any point).
+/// Frames decoded from a WebM capture (cut at any point, so it may end in an error).
 fn decoded_frames(capture: &[u8]) -> u32 {
-    let path = std::env::temp_dir().join(format!(
-        "rsmfd-capture-{}-{}.webm",
-        std::process::id(),
-        capture.len()
-    ));
-    std::fs::write(&path, capture).unwrap();
-    let pipeline = gst::parse::launch(&format!(
-        "filesrc location={} ! matroskademux ! vp8dec ! fakesink name=out signal-handoffs=true",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let frames = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let f = frames.clone();
-    pipeline
-        .by_name("out")
-        .unwrap()
-        .connect("handoff", false, move |_| {
-            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            None
-        });
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let _ = pipeline.bus().unwrap().timed_pop_filtered(
-        gst::ClockTime::from_seconds(20),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    );
-    pipeline.set_state(gst::State::Null).unwrap();
-    let _ = std::fs::remove_file(&path);
-    frames.load(std::sync::atomic::Ordering::SeqCst)
+    common::decode(capture, "matroskademux ! vp8dec").frames
 }
 
 #[test]

@@ -68,26 +68,9 @@ fn counting(description: &str) -> (gst::Pipeline, Arc<AtomicU32>) {
     (pipeline, frames)
 }
 
-/// Decodes a capture; returns how many buffers came out of the decoder.
+/// Decodes a capture (cut mid-stream); returns how many buffers the decoder gave.
 fn decode(capture: &[u8], decoder: &str) -> u32 {
-    let path = std::env::temp_dir().join(format!(
-        "rsmfd-recipe-{}-{}",
-        std::process::id(),
-        capture.len()
-    ));
-    std::fs::write(&path, capture).unwrap();
-    let (pipeline, frames) = counting(&format!(
-        "filesrc location={} ! {decoder} ! fakesink name=out signal-handoffs=true sync=false",
-        path.display()
-    ));
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let _ = pipeline.bus().unwrap().timed_pop_filtered(
-        gst::ClockTime::from_seconds(20),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
-    );
-    pipeline.set_state(gst::State::Null).unwrap();
-    let _ = std::fs::remove_file(&path);
-    frames.load(Ordering::SeqCst)
+    common::decode(capture, decoder).frames
 }
 
 /// Fails the test with the server's error, if it posted one.

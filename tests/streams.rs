@@ -223,41 +223,7 @@ fn theora_ogg_captures_of_late_clients_decode() {
 
 /// Decodes an Ogg/Theora capture; returns the number of frames, failing on any error.
 fn decode_theora(capture: &[u8]) -> u32 {
-    let dir = std::env::temp_dir().join(format!("rsmultifdsink-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!("capture-{}.ogg", capture.len()));
-    std::fs::write(&path, capture).unwrap();
-    let pipeline = gst::parse::launch(&format!(
-        "filesrc location={} ! oggdemux ! theoradec ! fakesink name=out signal-handoffs=true",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let frames = Arc::new(Mutex::new(0u32));
-    let f = frames.clone();
-    pipeline
-        .by_name("out")
-        .unwrap()
-        .connect("handoff", false, move |_| {
-            *f.lock().unwrap() += 1;
-            None
-        });
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(30),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("decode finished");
-    pipeline.set_state(gst::State::Null).unwrap();
-    std::fs::remove_file(&path).unwrap();
-    assert_eq!(
-        msg.type_(),
-        gst::MessageType::Eos,
-        "capture does not decode: {msg:?}"
-    );
-    *frames.lock().unwrap()
+    let decoded = decode(capture, "oggdemux ! theoradec");
+    assert_eq!(decoded.error, None, "capture does not decode");
+    decoded.frames
 }

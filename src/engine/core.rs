@@ -310,7 +310,7 @@ impl Shared {
                 );
             }
             self.listener.client_removed(fd, status);
-            self.lock().forget(id, &self.epoll);
+            self.lock().forget(id);
             self.listener.client_fd_removed(fd);
         }
     }
@@ -895,7 +895,7 @@ impl State {
     }
 
     /// Drops a removed client for good; its fd number may be added again.
-    pub fn forget(&mut self, id: ClientId, _epoll: &Epoll) {
+    pub fn forget(&mut self, id: ClientId) {
         if let Some(c) = self.clients.remove(&id)
             && self.by_fd.get(&c.fd) == Some(&id)
         {

@@ -283,3 +283,56 @@ pub fn status_nick(v: &gst::glib::Value) -> String {
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// What decoding a capture gave.
+pub struct Decoded {
+    /// Buffers out of the decoder.
+    pub frames: u32,
+    /// The error the decoding pipeline posted, if any (a capture cut mid-stream may
+    /// end in one; a whole one must not).
+    pub error: Option<String>,
+}
+
+/// Decodes a capture with `filesrc ! {decoder} ! fakesink`, to the end.
+pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "rsmfd-capture-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&path, capture).unwrap();
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location={} ! {decoder} ! fakesink name=out signal-handoffs=true sync=false",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let frames = Arc::new(AtomicU32::new(0));
+    let f = frames.clone();
+    pipeline
+        .by_name("out")
+        .unwrap()
+        .connect("handoff", false, move |_| {
+            f.fetch_add(1, Ordering::SeqCst);
+            None
+        });
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let msg = pipeline.bus().unwrap().timed_pop_filtered(
+        gst::ClockTime::from_seconds(30),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let error = match msg {
+        Some(m) if m.type_() == gst::MessageType::Eos => None,
+        Some(m) => Some(format!("{m:?}")),
+        None => Some("decoding did not finish".into()),
+    };
+    Decoded {
+        frames: frames.load(Ordering::SeqCst),
+        error,
+    }
+}
