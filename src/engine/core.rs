@@ -134,6 +134,8 @@ pub(crate) struct State {
     bytes_to_serve: u64,
     bytes_served: u64,
     scratch: Vec<u8>,
+    /// The IO thread's clock reading for the batch it is writing.
+    pub now: Instant,
 }
 
 pub(crate) struct Shared {
@@ -141,6 +143,8 @@ pub(crate) struct Shared {
     pub epoll: Epoll,
     pub waker: EventFd,
     pub stop: AtomicBool,
+    /// Streaming threads waiting for the lock in `push`: the IO thread yields to them.
+    pub pushers: std::sync::atomic::AtomicUsize,
     pub listener: Arc<dyn Listener>,
     pub aux: Mutex<Option<Box<dyn Aux>>>,
     /// Where an aux's new clients go (all shards), once the engine set it.
@@ -337,6 +341,7 @@ impl Shard {
             bytes_to_serve: 0,
             bytes_served: 0,
             scratch: vec![0; 4096],
+            now: Instant::now(),
         };
         Ok(Shard {
             shared: Arc::new(Shared {
@@ -344,6 +349,7 @@ impl Shard {
                 epoll,
                 waker,
                 stop: AtomicBool::new(false),
+                pushers: Default::default(),
                 listener,
                 aux: Mutex::new(None),
                 router: std::sync::OnceLock::new(),
@@ -582,7 +588,9 @@ impl Shard {
 
     /// Queues a buffer for every client. Never blocks on a client.
     pub fn push(&self, chunk: Chunk) {
+        self.shared.pushers.fetch_add(1, Ordering::AcqRel);
         let mut st = self.shared.lock();
+        self.shared.pushers.fetch_sub(1, Ordering::AcqRel);
         if chunk.header && st.repeats_streamheader(&chunk) {
             // Already sent from the caps to every client that needs it.
             return;
@@ -1084,7 +1092,7 @@ impl State {
                     self.bytes_served += n as u64;
                     if n > 0 {
                         c.bytes_sent += n as u64;
-                        c.last_activity = Instant::now();
+                        c.last_activity = self.now;
                     }
                     if n < total && c.watch == Watch::Epoll {
                         // A short write means the fd is full; edge-triggered epoll

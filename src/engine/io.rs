@@ -75,6 +75,8 @@ pub(crate) fn run(shared: Arc<Shared>) {
         // Serve ready clients, letting go of the lock between batches so the
         // streaming thread can queue buffers meanwhile.
         loop {
+            // One clock read per batch: a write's activity time need not be finer.
+            st.now = Instant::now();
             let mut served = 0;
             while served < CLIENTS_PER_LOCK {
                 let Some(id) = st.pop_ready() else { break };
@@ -88,6 +90,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             drop(st);
             shared.finish_removals(removed);
+            // A mutex is not fair: let a waiting streaming thread in before taking
+            // the lock again, so a push never waits for a whole pass over clients.
+            while shared.pushers.load(Ordering::Acquire) > 0 {
+                std::thread::yield_now();
+            }
             st = shared.lock();
             if shared.stop.load(Ordering::SeqCst) {
                 break;
