@@ -9,6 +9,35 @@ use super::{ClientConfig, ClientStatus, Payload, Streamheader};
 
 pub(crate) type ClientId = u64;
 
+/// A hasher for client ids and fd numbers: small integers from the kernel and from
+/// a counter, never chosen by a peer, so a multiply does instead of SipHash on the
+/// per-buffer path.
+#[derive(Default)]
+pub(crate) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_i32(&mut self, n: i32) {
+        self.write_u64(n as u32 as u64);
+    }
+}
+
+pub(crate) type IdMap<K, V> =
+    std::collections::HashMap<K, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 /// Where a client is in the engine's life cycle, and so which list holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -77,6 +106,8 @@ pub(crate) struct Client {
     pub fd: RawFd,
     pub kind: FdKind,
     pub watch: Watch,
+    /// Whether its fd is watched for input (`handle-read` when it was added).
+    pub handle_read: bool,
     pub config: ClientConfig,
     pub phase: Phase,
     /// Sequence number of the next queued buffer to send (meaningful once joined).
@@ -128,6 +159,7 @@ impl Client {
             fd,
             kind,
             watch,
+            handle_read: true,
             config,
             phase: Phase::Adding,
             pos: 0,

@@ -6,7 +6,6 @@
 //! ever waits on a client, and because writes happen under the lock an fd is never
 //! written after `remove` returned, even when the application closes and reuses it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::IoSlice;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -22,7 +21,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{MsgFlags, sendmsg, setsockopt, sockopt};
 use nix::sys::stat::{SFlag, fstat};
 
-use super::client::{Client, ClientId, FdKind, Pending, Phase, Watch};
+use super::client::{Client, ClientId, FdKind, IdMap, Pending, Phase, Watch};
 use super::queue::{BufferQueue, same_streamheader};
 use super::{
     Amount, Chunk, ClientConfig, ClientStats, ClientStatus, Fd, RecoverPolicy, Streamheader,
@@ -121,8 +120,8 @@ pub(crate) struct State {
     pub settings: Settings,
     queue: BufferQueue,
     streamheader: Option<Streamheader>,
-    clients: HashMap<ClientId, Client>,
-    by_fd: HashMap<RawFd, ClientId>,
+    clients: IdMap<ClientId, Client>,
+    by_fd: IdMap<RawFd, ClientId>,
     next_id: ClientId,
     /// Lists may hold stale ids; a client's phase says whether it belongs.
     ready: std::collections::VecDeque<ClientId>,
@@ -226,8 +225,9 @@ impl Shared {
             if kind == FdKind::Socket {
                 apply_dscp(fd, st.settings.qos_dscp);
             }
-            st.clients
-                .insert(id, Client::new(id, fd, kind, watch, config));
+            let mut client = Client::new(id, fd, kind, watch, config);
+            client.handle_read = st.settings.handle_read;
+            st.clients.insert(id, client);
             st.by_fd.insert(fd, id);
             log!(
                 shared.listener,
@@ -330,8 +330,8 @@ impl Shard {
             settings: Settings::default(),
             queue: BufferQueue::default(),
             streamheader: None,
-            clients: HashMap::new(),
-            by_fd: HashMap::new(),
+            clients: IdMap::default(),
+            by_fd: IdMap::default(),
             next_id: 1,
             ready: Default::default(),
             idle: Vec::new(),
@@ -673,16 +673,39 @@ fn open_client_fd(fd: RawFd, id: ClientId, handle_read: bool, epoll: &Epoll) -> 
     if let Err(e) = fcntl(bfd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK)) {
         return (kind, Watch::Broken(e));
     }
-    let mut events = EpollFlags::EPOLLOUT | EpollFlags::EPOLLET;
-    if handle_read {
-        events |= EpollFlags::EPOLLIN;
-    }
-    match epoll.add(bfd, EpollEvent::new(events, id)) {
+    // EPOLLOUT is only watched while the client is blocked (see `watch_writable`):
+    // a caught-up client would otherwise wake the IO thread every time its peer
+    // reads.
+    match epoll.add(bfd, EpollEvent::new(base_events(handle_read), id)) {
         Ok(()) => (kind, Watch::Epoll),
         // Regular files and block devices cannot be polled: always writable.
         Err(Errno::EPERM) => (kind, Watch::AlwaysWritable),
         Err(e) => (kind, Watch::Broken(e)),
     }
+}
+
+/// What a client's fd is always watched for.
+fn base_events(handle_read: bool) -> EpollFlags {
+    if handle_read {
+        EpollFlags::EPOLLIN | EpollFlags::EPOLLET
+    } else {
+        EpollFlags::EPOLLET
+    }
+}
+
+/// Watches a blocked client's fd for space (edge-triggered), or stops watching once
+/// it is writable again. Re-arming also reports space that appeared meanwhile.
+fn watch_writable(epoll: &Epoll, c: &Client, on: bool) {
+    if c.watch != Watch::Epoll {
+        return;
+    }
+    let mut events = base_events(c.handle_read);
+    if on {
+        events |= EpollFlags::EPOLLOUT;
+    }
+    // SAFETY: the app keeps the fd open until client-fd-removed.
+    let bfd = unsafe { BorrowedFd::borrow_raw(c.fd) };
+    let _ = epoll.modify(bfd, &mut EpollEvent::new(events, c.id));
 }
 
 fn apply_dscp(fd: RawFd, dscp: Option<u8>) {
@@ -963,6 +986,7 @@ impl State {
             let c = self.clients.get_mut(&id).unwrap();
             if c.phase == Phase::Blocked {
                 c.phase = Phase::Ready;
+                watch_writable(&shared.epoll, c, false);
                 self.ready.push_back(id);
             }
         }
@@ -1007,7 +1031,10 @@ impl State {
                 c.phase = Phase::Idle;
                 self.idle.push(id);
             }
-            Turn::Blocked => c.phase = Phase::Blocked,
+            Turn::Blocked => {
+                c.phase = Phase::Blocked;
+                watch_writable(&shared.epoll, c, true);
+            }
             Turn::Yield => self.ready.push_back(id),
             Turn::Flushed => {
                 log!(shared.listener, Info, "client fd {fd}: flushed");

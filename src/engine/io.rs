@@ -72,33 +72,14 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 st.client_event(ev.data(), ev.events(), &shared);
             }
         }
-        // Serve ready clients, letting go of the lock between batches so the
-        // streaming thread can queue buffers meanwhile.
-        loop {
-            // One clock read per batch: a write's activity time need not be finer.
-            st.now = Instant::now();
-            let mut served = 0;
-            while served < CLIENTS_PER_LOCK {
-                let Some(id) = st.pop_ready() else { break };
-                st.serve(id, &shared);
-                served += 1;
-            }
-            let removed = std::mem::take(&mut st.removed);
-            let more = st.has_ready();
-            if removed.is_empty() && !more {
-                break;
-            }
-            drop(st);
-            shared.finish_removals(removed);
-            // A mutex is not fair: let a waiting streaming thread in before taking
-            // the lock again, so a push never waits for a whole pass over clients.
-            while shared.pushers.load(Ordering::Acquire) > 0 {
-                std::thread::yield_now();
-            }
-            st = shared.lock();
-            if shared.stop.load(Ordering::SeqCst) {
-                break;
-            }
+        // Serve one batch of ready clients, then go back to epoll (without waiting
+        // while clients are still ready): blocked clients' EPOLLOUT must be heard
+        // even while new buffers keep every other client busy, and the lock is let
+        // go so the streaming thread can queue buffers meanwhile.
+        st.now = Instant::now();
+        for _ in 0..CLIENTS_PER_LOCK {
+            let Some(id) = st.pop_ready() else { break };
+            st.serve(id, &shared);
         }
         if let Some(t) = st.settings.timeout {
             let now = Instant::now();
@@ -110,6 +91,11 @@ pub(crate) fn run(shared: Arc<Shared>) {
         let removed = std::mem::take(&mut st.removed);
         drop(st);
         shared.finish_removals(removed);
+        // A mutex is not fair: let a waiting streaming thread in before taking the
+        // lock again (best effort; `push` never waits for more than one batch).
+        if shared.pushers.load(Ordering::Acquire) > 0 {
+            std::thread::yield_now();
+        }
         let now = Instant::now();
         if !aux_events.is_empty() || aux_due.is_some_and(|d| d <= now) {
             let mut aux = shared.aux.lock().unwrap_or_else(|e| e.into_inner());
