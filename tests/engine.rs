@@ -2087,11 +2087,12 @@ fn removal_during_client_added_waits_for_it() {
     let (_r, w) = f.pipe();
     let seen_during_added: Arc<Mutex<Option<Vec<Ev>>>> = Default::default();
     let seen = seen_during_added.clone();
-    let rec = f.rec.clone();
+    // Weak: the recorder owns this hook, a strong reference would be a cycle.
+    let rec = Arc::downgrade(&f.rec);
     f.rec.set_on_added(move |engine, _fd| {
         let engine = engine.clone();
         std::thread::spawn(move || engine.clear()).join().unwrap();
-        *seen.lock().unwrap() = Some(rec.events());
+        *seen.lock().unwrap() = rec.upgrade().map(|r| r.events());
     });
     f.add(w, latest());
     let during = seen_during_added.lock().unwrap().clone().unwrap();
