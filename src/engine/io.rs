@@ -31,26 +31,21 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut aux_events = Vec::new();
     // Ask the aux for its first deadline at once.
     let mut aux_due = Some(Instant::now());
+    // How long epoll may wait for the engine's own sake, as of the end of the last
+    // pass: anything that changes it later (a push, new settings, a new client)
+    // writes the waker, so it need not be read again under the lock.
+    let mut engine_wait: Option<Duration> = None;
     while !shared.stop.load(Ordering::SeqCst) {
-        let timeout = {
-            let st = shared.lock();
-            let mut wait = if st.has_ready() {
-                Some(Duration::ZERO)
-            } else {
-                st.timeout()
-                    .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
-            };
-            if let Some(due) = aux_due {
-                let until = due.saturating_duration_since(Instant::now());
-                wait = Some(wait.map_or(until, |w| w.min(until)));
-            }
-            // Round up so a deadline is not polled for in a busy loop.
-            wait.map_or(EpollTimeout::NONE, |w| {
-                let ms = w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u32;
-                EpollTimeout::try_from(Duration::from_millis(ms.into()))
-                    .unwrap_or(EpollTimeout::NONE)
-            })
-        };
+        let mut wait = engine_wait;
+        if let Some(due) = aux_due {
+            let until = due.saturating_duration_since(Instant::now());
+            wait = Some(wait.map_or(until, |w| w.min(until)));
+        }
+        // Round up so a deadline is not polled for in a busy loop.
+        let timeout = wait.map_or(EpollTimeout::NONE, |w| {
+            let ms = w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u32;
+            EpollTimeout::try_from(Duration::from_millis(ms.into())).unwrap_or(EpollTimeout::NONE)
+        });
         let n = match shared.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
@@ -66,7 +61,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 let _ = shared.waker.read();
                 // The aux may wait for something the waker announces (caps).
                 aux_due = Some(Instant::now());
-            } else if ev.data() & AUX_TOKEN != 0 && ev.data() != WAKER_TOKEN {
+            } else if ev.data() & AUX_TOKEN != 0 {
                 aux_events.push((ev.data() & !AUX_TOKEN, ev.events()));
             } else {
                 st.client_event(ev.data(), ev.events(), &shared);
@@ -82,12 +77,18 @@ pub(crate) fn run(shared: Arc<Shared>) {
             st.serve(id, &shared);
         }
         if let Some(t) = st.settings.timeout {
-            let now = Instant::now();
+            let now = st.now;
             if now.duration_since(last_expiry) >= (t / 4).min(MAX_TIMEOUT_TICK) {
                 last_expiry = now;
                 st.expire_idle(now, &shared);
             }
         }
+        engine_wait = if st.has_ready() {
+            Some(Duration::ZERO)
+        } else {
+            st.timeout()
+                .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
+        };
         let removed = std::mem::take(&mut st.removed);
         drop(st);
         shared.finish_removals(removed);
