@@ -122,6 +122,8 @@ pub(crate) struct State {
     streamheader: Option<Streamheader>,
     clients: IdMap<ClientId, Client>,
     by_fd: IdMap<RawFd, ClientId>,
+    /// Clients not being removed (`num-handles`), kept so reading it walks nothing.
+    live: usize,
     next_id: ClientId,
     /// Lists may hold stale ids; a client's phase says whether it belongs.
     ready: std::collections::VecDeque<ClientId>,
@@ -228,6 +230,7 @@ impl Shared {
             let mut client = Client::new(id, fd, kind, watch, config);
             client.handle_read = st.settings.handle_read;
             st.clients.insert(id, client);
+            st.live += 1;
             st.by_fd.insert(fd, id);
             log!(
                 shared.listener,
@@ -283,11 +286,7 @@ impl Shared {
 
     /// Clients that are not being removed.
     pub fn client_count(&self) -> usize {
-        self.lock()
-            .clients
-            .values()
-            .filter(|c| c.phase != Phase::Removing)
-            .count()
+        self.lock().live
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {
@@ -332,6 +331,7 @@ impl Shard {
             streamheader: None,
             clients: IdMap::default(),
             by_fd: IdMap::default(),
+            live: 0,
             next_id: 1,
             ready: Default::default(),
             idle: Vec::new(),
@@ -610,18 +610,14 @@ impl Shard {
     }
 
     pub fn counters(&self) -> Counters {
-        let mut st = self.shared.lock();
+        let st = self.shared.lock();
         Counters {
             bytes_to_serve: st.bytes_to_serve,
             bytes_served: st.bytes_served,
             buffers_queued: st.queue.len() as u64,
             bytes_queued: st.queue.bytes_queued(),
             time_queued: st.queue.time_queued(),
-            num_handles: st
-                .clients
-                .values_mut()
-                .filter(|c| c.phase != Phase::Removing)
-                .count() as u64,
+            num_handles: st.live as u64,
         }
     }
 
@@ -910,6 +906,7 @@ impl State {
             return None;
         }
         c.phase = Phase::Removing;
+        self.live -= 1;
         c.status = status;
         c.disconnected_at = Some((Instant::now(), SystemTime::now()));
         if c.watch == Watch::Epoll {
