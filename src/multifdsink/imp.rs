@@ -173,6 +173,17 @@ impl RsMultiFdSink {
         self.engine().set_settings(settings);
     }
 
+    /// How `add` places a client: `sync-method` with `burst-format`/`burst-value` as
+    /// the burst minimum and no maximum.
+    pub(crate) fn add_config(&self) -> ClientConfig {
+        let s = self.settings.lock().unwrap();
+        ClientConfig {
+            sync: s.sync_method.into(),
+            burst_min: burst_amount(s.burst_format, s.burst_value),
+            burst_max: None,
+        }
+    }
+
     /// `add` and `add-full`.
     pub(crate) fn add_client(&self, fd: i32, config: ClientConfig) {
         let obj = self.obj();
@@ -280,6 +291,20 @@ impl ObjectSubclass for RsMultiFdSink {
     const NAME: &'static str = "GstRsMultiFdSink";
     type Type = super::RsMultiFdSink;
     type ParentType = gst_base::BaseSink;
+}
+
+/// An action signal taking an fd and returning nothing.
+fn fd_action(name: &str, act: fn(&RsMultiFdSink, i32)) -> glib::subclass::Signal {
+    glib::subclass::Signal::builder(name)
+        .param_types([i32::static_type()])
+        .run_last()
+        .action()
+        .class_handler(move |args| {
+            let fd = args[1].get::<i32>().expect("fd");
+            with_imp(args, |imp| act(imp, fd));
+            None
+        })
+        .build()
 }
 
 /// Forwards an action signal to the element's implementation.
@@ -430,27 +455,7 @@ impl ObjectImpl for RsMultiFdSink {
         static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
             use glib::subclass::Signal;
             vec![
-                Signal::builder("add")
-                    .param_types([i32::static_type()])
-                    .run_last()
-                    .action()
-                    .class_handler(|args| {
-                        let fd = args[1].get::<i32>().expect("fd");
-                        with_imp(args, |imp| {
-                            let s = imp.settings.lock().unwrap().clone();
-                            let burst = burst_amount(s.burst_format, s.burst_value);
-                            imp.add_client(
-                                fd,
-                                ClientConfig {
-                                    sync: s.sync_method.into(),
-                                    burst_min: burst,
-                                    burst_max: None,
-                                },
-                            )
-                        });
-                        None
-                    })
-                    .build(),
+                fd_action("add", |imp, fd| imp.add_client(fd, imp.add_config())),
                 Signal::builder("add-full")
                     .param_types([
                         i32::static_type(),
@@ -478,32 +483,14 @@ impl ObjectImpl for RsMultiFdSink {
                         None
                     })
                     .build(),
-                Signal::builder("remove")
-                    .param_types([i32::static_type()])
-                    .run_last()
-                    .action()
-                    .class_handler(|args| {
-                        let fd = args[1].get::<i32>().expect("fd");
-                        with_imp(args, |imp| {
-                            gst::debug!(CAT, imp = imp, "removing client fd {fd}");
-                            imp.engine().remove(fd, engine::ClientStatus::Removed)
-                        });
-                        None
-                    })
-                    .build(),
-                Signal::builder("remove-flush")
-                    .param_types([i32::static_type()])
-                    .run_last()
-                    .action()
-                    .class_handler(|args| {
-                        let fd = args[1].get::<i32>().expect("fd");
-                        with_imp(args, |imp| {
-                            gst::debug!(CAT, imp = imp, "flushing and removing client fd {fd}");
-                            imp.engine().remove_flush(fd)
-                        });
-                        None
-                    })
-                    .build(),
+                fd_action("remove", |imp, fd| {
+                    gst::debug!(CAT, imp = imp, "removing client fd {fd}");
+                    imp.engine().remove(fd, engine::ClientStatus::Removed);
+                }),
+                fd_action("remove-flush", |imp, fd| {
+                    gst::debug!(CAT, imp = imp, "flushing and removing client fd {fd}");
+                    imp.engine().remove_flush(fd);
+                }),
                 Signal::builder("get-stats")
                     .param_types([i32::static_type()])
                     .return_type::<gst::Structure>()

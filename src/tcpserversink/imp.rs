@@ -123,17 +123,9 @@ impl RsTcpServerSink {
         Ok(())
     }
 
-    /// The sync method and burst a plain `add` would use, for accepted sockets.
+    /// How accepted sockets join: as a plain `add` would place them.
     fn add_config(&self) -> ClientConfig {
-        let obj = self.obj();
-        let sync: crate::multifdsink::SyncMethod = obj.property("sync-method");
-        let format: gst::Format = obj.property("burst-format");
-        let value: u64 = obj.property("burst-value");
-        ClientConfig {
-            sync: sync.into(),
-            burst_min: crate::multifdsink::imp::burst_amount(format, value),
-            burst_max: None,
-        }
+        self.with_base(|base| base.add_config())
     }
 }
 
