@@ -7,8 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
@@ -48,24 +47,6 @@ fn start_server(recipe: &str) -> (gst::Pipeline, u16) {
     let port = sink.property::<i32>("current-port");
     assert!(port > 0, "{recipe}: not listening");
     (pipeline, port as u16)
-}
-
-/// Counts buffers reaching the sink named `out` of a decoding pipeline.
-fn counting(description: &str) -> (gst::Pipeline, Arc<AtomicU32>) {
-    let pipeline = gst::parse::launch(description)
-        .unwrap_or_else(|e| panic!("{description}: {e}"))
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    let frames = Arc::new(AtomicU32::new(0));
-    let f = frames.clone();
-    pipeline
-        .by_name("out")
-        .unwrap()
-        .connect("handoff", false, move |_| {
-            f.fetch_add(1, Ordering::SeqCst);
-            None
-        });
-    (pipeline, frames)
 }
 
 /// Decodes a capture (cut mid-stream); returns how many buffers the decoder gave.
@@ -193,7 +174,7 @@ fn readme_raw_tcp_recipe_plays_to_its_receiver() {
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let (client, frames) = counting(&receiver);
+    let (client, frames) = common::counting(&receiver);
     client.set_state(gst::State::Playing).unwrap();
     let start = Instant::now();
     while frames.load(Ordering::SeqCst) < 10 {

@@ -293,6 +293,25 @@ pub struct Decoded {
     pub error: Option<String>,
 }
 
+/// A pipeline from `description` and a count of the buffers reaching its
+/// `fakesink name=out signal-handoffs=true`.
+pub fn counting(description: &str) -> (gst::Pipeline, Arc<std::sync::atomic::AtomicU32>) {
+    let pipeline = gst::parse::launch(description)
+        .unwrap_or_else(|e| panic!("{description}: {e}"))
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let frames = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let f = frames.clone();
+    pipeline
+        .by_name("out")
+        .unwrap()
+        .connect("handoff", false, move |_| {
+            f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            None
+        });
+    (pipeline, frames)
+}
+
 /// Decodes a capture with `filesrc ! {decoder} ! fakesink`, to the end.
 pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -303,22 +322,10 @@ pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
         N.fetch_add(1, Ordering::SeqCst)
     ));
     std::fs::write(&path, capture).unwrap();
-    let pipeline = gst::parse::launch(&format!(
+    let (pipeline, frames) = counting(&format!(
         "filesrc location={} ! {decoder} ! fakesink name=out signal-handoffs=true sync=false",
         path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let frames = Arc::new(AtomicU32::new(0));
-    let f = frames.clone();
-    pipeline
-        .by_name("out")
-        .unwrap()
-        .connect("handoff", false, move |_| {
-            f.fetch_add(1, Ordering::SeqCst);
-            None
-        });
+    ));
     pipeline.set_state(gst::State::Playing).unwrap();
     let msg = pipeline.bus().unwrap().timed_pop_filtered(
         gst::ClockTime::from_seconds(30),
