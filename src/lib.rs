@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod http;
 pub mod multifdsink;
+pub mod multihandlesink;
 mod server;
 pub mod tcpserversink;
 

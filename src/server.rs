@@ -17,11 +17,17 @@ use nix::sys::socket::{
 };
 
 use crate::engine::core::{LogLevel, Shared, log};
-use crate::engine::{AUX_TOKEN, AddOutcome, Aux, ClientConfig};
+use crate::engine::{AUX_TOKEN, AddOutcome, Aux};
 use crate::http::{self, Method, Parsed};
 
 /// Tokens below this are listening sockets; pending connections use higher numbers.
 const FIRST_PENDING_TOKEN: u64 = 16;
+
+/// HTTP mode's defaults, shared by `ServerConfig` and the element's properties.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 8192;
+/// No limit.
+pub const DEFAULT_MAX_CLIENTS: u32 = 0;
 
 /// What the server needs to know; the element keeps it current.
 #[derive(Debug, Clone)]
@@ -43,9 +49,9 @@ impl Default for ServerConfig {
         ServerConfig {
             http: false,
             mount: None,
-            max_clients: 0,
-            header_timeout: Duration::from_secs(10),
-            max_header_size: 8192,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE,
             content_type: None,
         }
     }
@@ -83,8 +89,6 @@ pub struct Server {
     pending: HashMap<u64, Pending>,
     next_token: u64,
     pub config: Arc<Mutex<ServerConfig>>,
-    /// How each accepted socket joins (the element's `add` settings).
-    pub client_config: Arc<Mutex<ClientConfig>>,
     owned: Owned,
 }
 
@@ -145,7 +149,6 @@ impl Server {
     pub fn new(
         listeners: Vec<TcpListener>,
         config: Arc<Mutex<ServerConfig>>,
-        client_config: Arc<Mutex<ClientConfig>>,
         owned: Owned,
     ) -> Self {
         Server {
@@ -155,7 +158,6 @@ impl Server {
             pending: HashMap::new(),
             next_token: FIRST_PENDING_TOKEN,
             config,
-            client_config,
             owned,
         }
     }
@@ -380,7 +382,7 @@ impl Server {
         let raw = fd.as_raw_fd();
         // Owned before add: the engine may remove it (and we close it) at once.
         self.owned.lock().unwrap().insert(raw, fd);
-        let config = *self.client_config.lock().unwrap();
+        let config = shared.lock().settings.default_placement;
         log!(shared.listener, Debug, "{peer}: streaming to fd {raw}");
         if shared.add_routed(raw, config) != AddOutcome::Added {
             self.owned.lock().unwrap().remove(&raw);

@@ -76,6 +76,8 @@ pub struct Settings {
     pub resend_streamheader: bool,
     /// DSCP for client sockets.
     pub qos_dscp: Option<u8>,
+    /// Where clients added without a placement of their own start.
+    pub default_placement: ClientConfig,
 }
 
 impl Default for Settings {
@@ -92,6 +94,7 @@ impl Default for Settings {
             handle_read: true,
             resend_streamheader: true,
             qos_dscp: None,
+            default_placement: ClientConfig::default(),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 pub use self::client::ClientStats;
-pub(crate) use self::core::{AUX_TOKEN, Aux};
+pub(crate) use self::core::{AUX_TOKEN, Aux, Aux as Service};
 pub use self::core::{AddOutcome, Counters, Listener, LogLevel, Settings};
 pub use self::router::Engine;
 

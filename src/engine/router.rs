@@ -279,7 +279,7 @@ impl Engine {
 
     /// Lets the first IO thread also serve `aux` (a listening socket and its pending
     /// connections); `None` unregisters the current one.
-    pub(crate) fn set_aux(&self, aux: Option<Box<dyn Aux>>) -> std::io::Result<()> {
+    pub(crate) fn set_service(&self, aux: Option<Box<dyn Aux>>) -> std::io::Result<()> {
         self.inner.shards.read().unwrap()[0].set_aux(aux)
     }
 

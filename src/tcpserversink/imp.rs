@@ -1,6 +1,10 @@
-//! GObject glue of `rstcpserversink`: the listening properties and the start and
-//! stop of the server inside the engine's IO thread.
+// SPDX-License-Identifier: MPL-2.0
 
+//! GObject glue of `rstcpserversink`: the listening and HTTP properties, and the
+//! base class's virtual methods that start and stop the server inside the engine's
+//! IO thread and close the sockets it accepted.
+
+use std::os::fd::RawFd;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -9,8 +13,10 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::engine::ClientConfig;
 use crate::multifdsink::{RsMultiFdSink, RsMultiFdSinkImpl};
+use crate::multihandlesink::{
+    RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt,
+};
 use crate::server::{self, Owned, Server, ServerConfig};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -24,68 +30,46 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 const DEFAULT_HOST: &str = "localhost";
 const DEFAULT_PORT: i32 = 4953;
 const DEFAULT_BACKLOG: i32 = 128;
+const DEFAULT_HTTP: bool = false;
+const DEFAULT_HEADER_TIMEOUT: u64 = server::DEFAULT_HEADER_TIMEOUT.as_nanos() as u64;
+const DEFAULT_MAX_HEADER_SIZE: u32 = server::DEFAULT_MAX_HEADER_SIZE as u32;
 
+/// Where and how to listen: read when the element starts (NULL→READY).
 #[derive(Debug, Clone)]
-struct Settings {
+struct ListenSettings {
     host: String,
     port: i32,
     backlog: i32,
-    http: bool,
-    mount: Option<String>,
-    max_clients: u32,
-    header_timeout: u64,
-    max_header_size: u32,
 }
 
-impl Default for Settings {
+impl Default for ListenSettings {
     fn default() -> Self {
-        Settings {
+        ListenSettings {
             host: DEFAULT_HOST.into(),
             port: DEFAULT_PORT,
             backlog: DEFAULT_BACKLOG,
-            http: false,
-            mount: None,
-            max_clients: 0,
-            header_timeout: 10_000_000_000,
-            max_header_size: 8192,
         }
     }
 }
 
 #[derive(Default)]
 pub struct RsTcpServerSink {
-    settings: Mutex<Settings>,
+    listen: Mutex<ListenSettings>,
     current_port: Mutex<i32>,
-    /// Shared with the running server: changes apply to the next request.
+    /// The HTTP settings, shared with the running server: changes apply to the next
+    /// request.
     server_config: Arc<Mutex<ServerConfig>>,
     /// Sockets accepted by us, closed once the engine forgot them.
     owned: Owned,
-    /// How accepted sockets join: `add`'s sync method and burst, kept current.
-    client_config: Arc<Mutex<ClientConfig>>,
 }
 
 impl RsTcpServerSink {
-    /// Runs `f` with the `rsmultifdsink` part of this element.
-    fn with_base<R>(&self, f: impl FnOnce(&crate::multifdsink::imp::RsMultiFdSink) -> R) -> R {
-        let obj = self.obj();
-        f(obj.upcast_ref::<RsMultiFdSink>().imp())
-    }
-
-    fn sync_server_config(&self) {
-        let s = self.settings.lock().unwrap();
-        let mut c = self.server_config.lock().unwrap();
-        c.http = s.http;
-        c.mount = s.mount.clone().filter(|m| !m.is_empty());
-        c.max_clients = s.max_clients;
-        c.header_timeout = Duration::from_nanos(s.header_timeout);
-        c.max_header_size = s.max_header_size as usize;
-    }
-
-    fn start_server(&self) -> Result<(), gst::ErrorMessage> {
-        let (host, port, backlog) = {
-            let s = self.settings.lock().unwrap();
-            (s.host.clone(), s.port, s.backlog)
-        };
+    fn listen(&self) -> Result<(), gst::ErrorMessage> {
+        let ListenSettings {
+            host,
+            port,
+            backlog,
+        } = self.listen.lock().unwrap().clone();
         let listeners = server::bind_listeners(&host, port as u16, backlog).map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::OpenRead,
@@ -103,29 +87,51 @@ impl RsTcpServerSink {
             imp = self,
             "listening on {addrs:?} (backlog {backlog})"
         );
-        self.sync_server_config();
-        *self.client_config.lock().unwrap() = self.add_config();
-        let client_config = self.client_config.clone();
-        let srv = Server::new(
-            listeners,
-            self.server_config.clone(),
-            client_config,
-            self.owned.clone(),
-        );
-        self.with_base(|base| base.engine().set_aux(Some(Box::new(srv))))
-            .map_err(|e| {
-                gst::error_msg!(
-                    gst::ResourceError::OpenRead,
-                    ["cannot watch the listening socket: {}", e]
-                )
-            })?;
+        let srv = Server::new(listeners, self.server_config.clone(), self.owned.clone());
+        self.obj().set_service(Some(Box::new(srv))).map_err(|e| {
+            gst::error_msg!(
+                gst::ResourceError::OpenRead,
+                ["cannot watch the listening socket: {}", e]
+            )
+        })?;
         self.obj().notify("current-port");
         Ok(())
     }
+}
 
-    /// How accepted sockets join: as a plain `add` would place them.
-    fn add_config(&self) -> ClientConfig {
-        self.with_base(|base| base.add_config())
+impl RsTcpServerSink {
+    /// `host`, `port`, `listen-backlog`: stored in NULL; in READY the server listens
+    /// again at once; refused (with a warning) while PAUSED or PLAYING, where clients
+    /// are being served.
+    fn set_listen_property(&self, name: &str, value: &glib::Value) {
+        let state = self.obj().highest_state();
+        if matches!(state, gst::State::Paused | gst::State::Playing) {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "{name} can change only in NULL or READY; not changed"
+            );
+            return;
+        }
+        {
+            let mut listen = self.listen.lock().unwrap();
+            match name {
+                "host" => {
+                    listen.host = value
+                        .get::<Option<String>>()
+                        .unwrap()
+                        .unwrap_or_else(|| DEFAULT_HOST.into())
+                }
+                "port" => listen.port = value.get().unwrap(),
+                _ => listen.backlog = value.get().unwrap(),
+            }
+        }
+        if state == gst::State::Ready {
+            let _ = self.obj().set_service(None);
+            if let Err(msg) = self.listen() {
+                self.post_error_message(msg);
+            }
+        }
     }
 }
 
@@ -144,6 +150,7 @@ impl ObjectImpl for RsTcpServerSink {
                     .nick("host")
                     .blurb("The host/IP to listen on")
                     .default_value(Some(DEFAULT_HOST))
+                    .mutable_ready()
                     .build(),
                 glib::ParamSpecInt::builder("port")
                     .nick("port")
@@ -151,6 +158,7 @@ impl ObjectImpl for RsTcpServerSink {
                     .minimum(0)
                     .maximum(65535)
                     .default_value(DEFAULT_PORT)
+                    .mutable_ready()
                     .build(),
                 glib::ParamSpecInt::builder("current-port")
                     .nick("current-port")
@@ -166,11 +174,12 @@ impl ObjectImpl for RsTcpServerSink {
                     .minimum(1)
                     .maximum(65535)
                     .default_value(DEFAULT_BACKLOG)
+                    .mutable_ready()
                     .build(),
                 glib::ParamSpecBoolean::builder("http")
                     .nick("HTTP")
                     .blurb("Read an HTTP request from each client and answer with HTTP headers before the stream")
-                    .default_value(false)
+                    .default_value(DEFAULT_HTTP)
                     .build(),
                 glib::ParamSpecString::builder("mount")
                     .nick("Mount path")
@@ -179,20 +188,20 @@ impl ObjectImpl for RsTcpServerSink {
                 glib::ParamSpecUInt::builder("max-clients")
                     .nick("Max clients")
                     .blurb("In HTTP mode, answer 503 beyond this many clients (0 = no limit)")
-                    .default_value(0)
+                    .default_value(server::DEFAULT_MAX_CLIENTS)
                     .build(),
                 glib::ParamSpecUInt64::builder("header-timeout")
                     .nick("Header timeout")
                     .blurb("In HTTP mode, nanoseconds a client has to send its request head")
                     .minimum(1_000_000)
-                    .default_value(10_000_000_000)
+                    .default_value(DEFAULT_HEADER_TIMEOUT)
                     .build(),
                 glib::ParamSpecUInt::builder("max-header-size")
                     .nick("Max header size")
                     .blurb("In HTTP mode, the largest request head accepted, in bytes")
                     .minimum(64)
                     .maximum(1 << 20)
-                    .default_value(8192)
+                    .default_value(DEFAULT_MAX_HEADER_SIZE)
                     .build(),
             ]
         });
@@ -200,60 +209,46 @@ impl ObjectImpl for RsTcpServerSink {
     }
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
-        let mut s = self.settings.lock().unwrap();
+        gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
+        if matches!(pspec.name(), "host" | "port" | "listen-backlog") {
+            self.set_listen_property(pspec.name(), value);
+            return;
+        }
+        let mut http = self.server_config.lock().unwrap();
         match pspec.name() {
-            "host" => {
-                s.host = value
+            "http" => http.http = value.get().unwrap(),
+            "mount" => {
+                http.mount = value
                     .get::<Option<String>>()
                     .unwrap()
-                    .unwrap_or_else(|| DEFAULT_HOST.into())
+                    .filter(|m| !m.is_empty())
             }
-            "port" => s.port = value.get().unwrap(),
-            "listen-backlog" => s.backlog = value.get().unwrap(),
-            "http" => s.http = value.get().unwrap(),
-            "mount" => s.mount = value.get().unwrap(),
-            "max-clients" => s.max_clients = value.get().unwrap(),
-            "header-timeout" => s.header_timeout = value.get().unwrap(),
-            "max-header-size" => s.max_header_size = value.get().unwrap(),
+            "max-clients" => http.max_clients = value.get().unwrap(),
+            "header-timeout" => {
+                http.header_timeout = Duration::from_nanos(value.get().unwrap());
+            }
+            "max-header-size" => {
+                http.max_header_size = value.get::<u32>().unwrap() as usize;
+            }
             name => unimplemented!("property {name}"),
         }
-        gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
-        drop(s);
-        self.sync_server_config();
     }
 
     fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
-        let s = self.settings.lock().unwrap();
+        let listen = self.listen.lock().unwrap();
+        let http = self.server_config.lock().unwrap();
         match pspec.name() {
-            "host" => s.host.to_value(),
-            "port" => s.port.to_value(),
+            "host" => listen.host.to_value(),
+            "port" => listen.port.to_value(),
             "current-port" => self.current_port.lock().unwrap().to_value(),
-            "listen-backlog" => s.backlog.to_value(),
-            "http" => s.http.to_value(),
-            "mount" => s.mount.to_value(),
-            "max-clients" => s.max_clients.to_value(),
-            "header-timeout" => s.header_timeout.to_value(),
-            "max-header-size" => s.max_header_size.to_value(),
+            "listen-backlog" => listen.backlog.to_value(),
+            "http" => http.http.to_value(),
+            "mount" => http.mount.to_value(),
+            "max-clients" => http.max_clients.to_value(),
+            "header-timeout" => (http.header_timeout.as_nanos() as u64).to_value(),
+            "max-header-size" => (http.max_header_size as u32).to_value(),
             name => unimplemented!("property {name}"),
         }
-    }
-
-    fn constructed(&self) {
-        self.parent_constructed();
-        // Accepted sockets join as `add` would now: follow changes while running.
-        self.obj().connect_notify(None, |obj, pspec| {
-            if matches!(pspec.name(), "sync-method" | "burst-format" | "burst-value") {
-                let imp = obj.imp();
-                *imp.client_config.lock().unwrap() = imp.add_config();
-            }
-        });
-        let owned = self.owned.clone();
-        self.with_base(|base| {
-            let _ = base.fd_removed_hook.set(Box::new(move |fd| {
-                // Our own accepted sockets are closed here; fds the app added are not.
-                server::release(&owned, fd);
-            }));
-        });
     }
 }
 
@@ -271,24 +266,6 @@ impl ElementImpl for RsTcpServerSink {
         });
         Some(&*METADATA)
     }
-
-    fn change_state(
-        &self,
-        transition: gst::StateChange,
-    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
-        let result = self.parent_change_state(transition)?;
-        if transition == gst::StateChange::NullToReady {
-            if let Err(msg) = self.start_server() {
-                self.post_error_message(msg);
-                // Undo the base's start; clients cannot have been added yet.
-                let _ = self.parent_change_state(gst::StateChange::ReadyToNull);
-                return Err(gst::StateChangeError);
-            }
-        } else if transition == gst::StateChange::ReadyToNull {
-            *self.current_port.lock().unwrap() = 0;
-        }
-        Ok(result)
-    }
 }
 
 impl BaseSinkImpl for RsTcpServerSink {
@@ -298,8 +275,32 @@ impl BaseSinkImpl for RsTcpServerSink {
         self.server_config.lock().unwrap().content_type = Some(content_type);
         let result = self.parent_set_caps(caps);
         // Requests that arrived before the caps are answered now.
-        self.with_base(|base| base.engine().wake());
+        self.obj().wake_service();
         result
+    }
+}
+
+impl RsMultiHandleSinkImpl for RsTcpServerSink {
+    fn client_fd_removed(&self, fd: RawFd) {
+        self.parent_client_fd_removed(fd);
+        // Our own accepted sockets are closed here; fds the app added are not.
+        if server::release(&self.owned, fd) {
+            gst::debug!(CAT, imp = self, "closed accepted socket fd {fd}");
+        }
+    }
+
+    fn start_serving(&self) -> Result<(), gst::ErrorMessage> {
+        self.parent_start_serving()?;
+        self.listen()
+    }
+
+    fn stop_serving(&self) {
+        // The listening socket and connections still sending a request go first.
+        if let Err(e) = self.obj().set_service(None) {
+            gst::warning!(CAT, imp = self, "cannot stop listening: {e}");
+        }
+        *self.current_port.lock().unwrap() = 0;
+        self.parent_stop_serving();
     }
 }
 

@@ -1,16 +1,27 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! `rstcpserversink`: `rsmultifdsink` that listens and accepts by itself, like
 //! `tcpserversink`, and can serve HTTP clients (browsers, VLC, ffplay, curl).
+//!
+//! ## Example pipelines
+//! ```sh
+//! # raw TCP, to tcpclientsrc
+//! gst-launch-1.0 videotestsrc is-live=true ! theoraenc ! oggmux ! rstcpserversink port=4953 sync-method=latest-keyframe
+//! # HTTP, for browsers, VLC, ffplay, curl
+//! gst-launch-1.0 videotestsrc is-live=true ! vp8enc deadline=1 ! webmmux streamable=true ! rstcpserversink http=true port=8080 sync-method=latest-keyframe
+//! ```
 
 use gst::glib;
 use gst::prelude::*;
 
 use crate::multifdsink::RsMultiFdSink;
+use crate::multihandlesink::RsMultiHandleSink;
 
 mod imp;
 
 glib::wrapper! {
     pub struct RsTcpServerSink(ObjectSubclass<imp::RsTcpServerSink>)
-        @extends RsMultiFdSink, gst_base::BaseSink, gst::Element, gst::Object;
+        @extends RsMultiFdSink, RsMultiHandleSink, gst_base::BaseSink, gst::Element, gst::Object;
 }
 
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {

@@ -1,0 +1,751 @@
+// SPDX-License-Identifier: MPL-2.0
+
+//! GObject glue of the base class: the properties every fan-out sink shares, the
+//! `clear` action, the base sink's virtual methods and the state changes, all
+//! forwarded to the engine. Client events come back through [`SignalListener`] and
+//! go to the subclass's virtual methods.
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::time::Duration;
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::subclass::prelude::*;
+
+use super::{RecoverPolicy, RsMultiHandleSinkExt, SyncMethod};
+use crate::engine::{
+    self, AddOutcome, Amount, Chunk, ClientConfig, Engine, Listener, LogLevel, Unit,
+};
+
+pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "rsmultihandlesink",
+        gst::DebugColorFlags::empty(),
+        Some("Rust multi handle sink (clients, queue, IO)"),
+    )
+});
+
+const DEFAULT_SYNC_METHOD: SyncMethod = SyncMethod::Latest;
+const DEFAULT_BURST_FORMAT: gst::Format = gst::Format::Undefined;
+const DEFAULT_BURST_VALUE: u64 = 0;
+const DEFAULT_UNIT_FORMAT: gst::Format = gst::Format::Buffers;
+/// -1: no limit (`units-max`, `units-soft-max` and their `buffers-*` views).
+const DEFAULT_UNITS_LIMIT: i64 = -1;
+/// -1: keep as little as the clients need (`buffers-min`, `bytes-min`, `time-min`).
+const DEFAULT_MIN: i32 = -1;
+const DEFAULT_RECOVER_POLICY: RecoverPolicy = RecoverPolicy::None;
+const DEFAULT_TIMEOUT: u64 = 0;
+const DEFAULT_HANDLE_READ: bool = true;
+const DEFAULT_RESEND_STREAMHEADER: bool = true;
+const DEFAULT_QOS_DSCP: i32 = -1;
+const DEFAULT_IO_THREADS: u32 = 1;
+const MAX_IO_THREADS: u32 = 64;
+const DEFAULT_REQUEST_KEYFRAME: bool = false;
+
+/// Property values, as the application set them.
+#[derive(Debug, Clone)]
+struct Settings {
+    sync_method: SyncMethod,
+    burst_format: gst::Format,
+    burst_value: u64,
+    unit_format: gst::Format,
+    units_max: i64,
+    units_soft_max: i64,
+    recover_policy: RecoverPolicy,
+    buffers_min: i32,
+    bytes_min: i32,
+    time_min: i64,
+    timeout: u64,
+    handle_read: bool,
+    resend_streamheader: bool,
+    qos_dscp: i32,
+    io_threads: u32,
+    request_keyframe: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            sync_method: DEFAULT_SYNC_METHOD,
+            burst_format: DEFAULT_BURST_FORMAT,
+            burst_value: DEFAULT_BURST_VALUE,
+            unit_format: DEFAULT_UNIT_FORMAT,
+            units_max: DEFAULT_UNITS_LIMIT,
+            units_soft_max: DEFAULT_UNITS_LIMIT,
+            recover_policy: DEFAULT_RECOVER_POLICY,
+            buffers_min: DEFAULT_MIN,
+            bytes_min: DEFAULT_MIN,
+            time_min: DEFAULT_MIN.into(),
+            timeout: DEFAULT_TIMEOUT,
+            handle_read: DEFAULT_HANDLE_READ,
+            resend_streamheader: DEFAULT_RESEND_STREAMHEADER,
+            qos_dscp: DEFAULT_QOS_DSCP,
+            io_threads: DEFAULT_IO_THREADS,
+            request_keyframe: DEFAULT_REQUEST_KEYFRAME,
+        }
+    }
+}
+
+/// The unit of `units-*` and burst amounts; formats without a meaning here count
+/// buffers, as `multifdsink` does.
+fn unit_of(format: gst::Format) -> Unit {
+    match format {
+        gst::Format::Bytes => Unit::Bytes,
+        gst::Format::Time => Unit::Time,
+        _ => Unit::Buffers,
+    }
+}
+
+/// A burst bound: undefined format or -1 (G_MAXUINT64) is none.
+pub fn burst_amount(format: gst::Format, value: u64) -> Option<Amount> {
+    match format {
+        gst::Format::Undefined | gst::Format::Percent => None,
+        _ if value == u64::MAX => None,
+        f => Some(Amount::new(unit_of(f), value)),
+    }
+}
+
+impl Settings {
+    fn engine_settings(&self, default_placement: ClientConfig) -> engine::Settings {
+        let limit = |v: i64| (v > 0).then(|| Amount::new(unit_of(self.unit_format), v as u64));
+        let min = |v: i64| (v > 0).then_some(v as u64);
+        engine::Settings {
+            units_max: limit(self.units_max),
+            units_soft_max: limit(self.units_soft_max),
+            recover_policy: self.recover_policy.into(),
+            buffers_min: min(self.buffers_min.into()),
+            bytes_min: min(self.bytes_min.into()),
+            time_min: min(self.time_min),
+            keep_keyframe: matches!(
+                self.sync_method,
+                SyncMethod::LatestKeyframe | SyncMethod::BurstKeyframe
+            ),
+            timeout: (self.timeout > 0).then(|| Duration::from_nanos(self.timeout)),
+            handle_read: self.handle_read,
+            resend_streamheader: self.resend_streamheader,
+            qos_dscp: u8::try_from(self.qos_dscp).ok(),
+            default_placement,
+        }
+    }
+
+    /// `add`'s placement: `sync-method` with the burst settings as the minimum.
+    fn placement(&self) -> ClientConfig {
+        ClientConfig {
+            sync: self.sync_method.into(),
+            burst_min: burst_amount(self.burst_format, self.burst_value),
+            burst_max: None,
+        }
+    }
+}
+
+/// Turns engine events into calls of the subclass's virtual methods, and engine
+/// diagnostics into the debug log.
+struct SignalListener {
+    element: glib::WeakRef<super::RsMultiHandleSink>,
+}
+
+impl Listener for SignalListener {
+    fn client_added(&self, fd: RawFd) {
+        if let Some(element) = self.element.upgrade() {
+            (element.class().as_ref().client_added)(&element, fd);
+            element.imp().request_keyframe_for(fd);
+        }
+    }
+
+    fn client_removed(&self, fd: RawFd, status: engine::ClientStatus) {
+        if let Some(element) = self.element.upgrade() {
+            (element.class().as_ref().client_removed)(&element, fd, status.into());
+        }
+    }
+
+    fn client_fd_removed(&self, fd: RawFd) {
+        if let Some(element) = self.element.upgrade() {
+            (element.class().as_ref().client_fd_removed)(&element, fd);
+        }
+    }
+
+    fn log(&self, level: LogLevel, args: fmt::Arguments<'_>) {
+        let level = match level {
+            LogLevel::Warning => gst::DebugLevel::Warning,
+            LogLevel::Info => gst::DebugLevel::Info,
+            LogLevel::Debug => gst::DebugLevel::Debug,
+            LogLevel::Log => gst::DebugLevel::Log,
+        };
+        if CAT.threshold() < level {
+            return;
+        }
+        match self.element.upgrade() {
+            Some(element) => gst::log_with_level!(CAT, level, obj = &element, "{}", args),
+            None => gst::log_with_level!(CAT, level, "{}", args),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct RsMultiHandleSink {
+    settings: Mutex<Settings>,
+    engine: OnceLock<Engine>,
+}
+
+impl RsMultiHandleSink {
+    pub(super) fn engine(&self) -> &Engine {
+        self.engine.get().expect("engine made in constructed()")
+    }
+
+    /// Hands the settings to the engine, with the placement the class chooses.
+    fn apply_settings(&self) {
+        let Some(engine) = self.engine.get() else {
+            return;
+        };
+        let obj = self.obj();
+        let placement = (obj.class().as_ref().default_placement)(&obj);
+        let settings = self.settings.lock().unwrap().engine_settings(placement);
+        engine.set_settings(settings);
+    }
+
+    pub(super) fn add_client(&self, fd: RawFd, placement: Option<ClientConfig>) {
+        let config = placement.unwrap_or_else(|| {
+            let obj = self.obj();
+            (obj.class().as_ref().default_placement)(&obj)
+        });
+        if let (Some(min), Some(max)) = (config.burst_min, config.burst_max)
+            && min.unit == max.unit
+            && max.value < min.value
+        {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "client fd {fd}: burst maximum {max:?} below minimum {min:?}, not added"
+            );
+            return;
+        }
+        gst::debug!(CAT, imp = self, "adding client fd {fd} with {config:?}");
+        match self.engine().add(fd, config) {
+            AddOutcome::Added => {}
+            AddOutcome::Duplicate => {
+                gst::warning!(CAT, imp = self, "client fd {fd} is already added");
+            }
+            AddOutcome::NotRunning => {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "cannot add fd {fd}: element must be in READY, PAUSED or PLAYING"
+                );
+                // Where C multifdsink warns: GLib's default log domain, which is
+                // what applications and GStreamer's check suite watch.
+                glib::g_log!(
+                    glib::LogLevel::Warning,
+                    "{}: element must be set to READY, PAUSED or PLAYING before clients can be added (fd {})",
+                    self.obj().name(),
+                    fd
+                );
+            }
+        }
+    }
+
+    pub(super) fn remove_client(&self, fd: RawFd) {
+        gst::debug!(CAT, imp = self, "removing client fd {fd}");
+        self.engine().remove(fd, engine::ClientStatus::Removed);
+    }
+
+    pub(super) fn remove_flush_client(&self, fd: RawFd) {
+        gst::debug!(CAT, imp = self, "flushing and removing client fd {fd}");
+        self.engine().remove_flush(fd);
+    }
+
+    pub(super) fn set_handle_read(&self, handle_read: bool) {
+        self.settings.lock().unwrap().handle_read = handle_read;
+        self.apply_settings();
+    }
+
+    pub(super) fn handle_read(&self) -> bool {
+        self.settings.lock().unwrap().handle_read
+    }
+
+    /// The base class's own placement (`default_placement` unless overridden).
+    fn settings_placement(&self) -> ClientConfig {
+        self.settings.lock().unwrap().placement()
+    }
+
+    /// With `request-keyframe`, asks upstream for a keyframe so a new client need
+    /// not wait a whole GOP (a `GstForceKeyUnit` upstream event, as
+    /// `gst_video_event_new_upstream_force_key_unit` makes).
+    fn request_keyframe_for(&self, fd: RawFd) {
+        if !self.settings.lock().unwrap().request_keyframe {
+            return;
+        }
+        let event = gst::event::CustomUpstream::new(
+            gst::Structure::builder("GstForceKeyUnit")
+                .field("running-time", u64::MAX)
+                .field("all-headers", true)
+                .field("count", 0u32)
+                .build(),
+        );
+        let sent = self
+            .obj()
+            .static_pad("sink")
+            .is_some_and(|pad| pad.push_event(event));
+        gst::debug!(
+            CAT,
+            imp = self,
+            "client fd {fd}: requested a keyframe upstream (handled: {sent})"
+        );
+    }
+
+    pub(super) fn stats_structure(&self, fd: RawFd) -> gst::Structure {
+        let Some(s) = self.engine().stats(fd) else {
+            gst::warning!(CAT, imp = self, "get-stats: no client with fd {fd}");
+            return gst::Structure::new_empty("multihandlesink-stats");
+        };
+        let ts = |t: Option<u64>| t.unwrap_or(u64::MAX);
+        gst::Structure::builder("multihandlesink-stats")
+            .field("bytes-sent", s.bytes_sent)
+            .field("connect-time", s.connect_time)
+            .field("disconnect-time", s.disconnect_time)
+            .field("connect-duration", s.connect_duration)
+            .field("last-activity-time", s.last_activity_time)
+            .field("buffers-dropped", s.buffers_dropped)
+            .field("dropped-buffers", s.buffers_dropped)
+            .field("first-buffer-ts", ts(s.first_buffer_ts))
+            .field("last-buffer-ts", ts(s.last_buffer_ts))
+            .field("connect-time-monotonic", s.connect_time_monotonic)
+            .field("disconnect-time-monotonic", s.disconnect_time_monotonic)
+            .field(
+                "last-activity-time-monotonic",
+                s.last_activity_time_monotonic,
+            )
+            .build()
+    }
+
+    fn chunk_of(buffer: &gst::Buffer) -> Result<Chunk, gst::FlowError> {
+        let flags = buffer.flags();
+        let pts = buffer.pts().map(|t| t.nseconds());
+        let mapped = buffer
+            .clone()
+            .into_mapped_buffer_readable()
+            .map_err(|_| gst::FlowError::Error)?;
+        Ok(Chunk::new(
+            Arc::new(mapped),
+            !flags.contains(gst::BufferFlags::DELTA_UNIT),
+            flags.contains(gst::BufferFlags::HEADER),
+            pts,
+        ))
+    }
+
+    /// The caps' `streamheader` as payloads; `None` (with a warning) when it is not
+    /// an array of buffers.
+    fn streamheader_of(&self, caps: &gst::Caps) -> Option<Vec<engine::Payload>> {
+        let value = caps.structure(0)?.value("streamheader").ok()?;
+        let Ok(array) = value.get::<gst::ArrayRef>() else {
+            gst::warning!(
+                CAT,
+                imp = self,
+                "caps streamheader is not an array, ignored: {caps}"
+            );
+            return None;
+        };
+        let mut buffers = Vec::new();
+        for v in array.iter() {
+            let Ok(buffer) = v.get::<gst::Buffer>() else {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "caps streamheader holds a non-buffer, ignored: {caps}"
+                );
+                return None;
+            };
+            match Self::chunk_of(&buffer) {
+                Ok(chunk) => buffers.push(chunk.data),
+                Err(_) => gst::warning!(CAT, imp = self, "cannot map a streamheader buffer"),
+            }
+        }
+        Some(buffers)
+    }
+
+    /// NULL→READY: the IO threads, then the subclass's `start_serving`.
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let engine = self.engine.get().ok_or_else(|| {
+            gst::error_msg!(
+                gst::ResourceError::OpenWrite,
+                ["cannot create epoll instance"]
+            )
+        })?;
+        let threads = self.settings.lock().unwrap().io_threads;
+        let started = engine
+            .set_io_threads(threads as usize)
+            .and_then(|()| engine.start());
+        if let Err(e) = started {
+            return Err(gst::error_msg!(
+                gst::ResourceError::OpenWrite,
+                ["cannot start {} IO threads: {}", threads, e]
+            ));
+        }
+        self.apply_settings();
+        gst::debug!(CAT, imp = self, "started {threads} IO threads");
+        let obj = self.obj();
+        if let Err(e) = (obj.class().as_ref().start_serving)(&obj) {
+            engine.stop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// `io-threads`: stored in NULL; in READY the IO threads are made again if no
+    /// client would be lost; refused (with a warning) otherwise.
+    fn set_io_threads(&self, threads: u32) {
+        let restart = match self.obj().highest_state() {
+            gst::State::Null => false,
+            gst::State::Ready if self.engine().counters().num_handles == 0 => true,
+            _ => {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "io-threads can change only in NULL, or in READY without clients: kept at {}",
+                    self.settings.lock().unwrap().io_threads
+                );
+                return;
+            }
+        };
+        self.settings.lock().unwrap().io_threads = threads;
+        gst::debug!(CAT, imp = self, "io-threads set to {threads}");
+        if restart {
+            self.stop();
+            if let Err(msg) = self.start() {
+                self.post_error_message(msg);
+            }
+        }
+    }
+
+    /// READY→NULL: the subclass's `stop_serving`, then every client is removed (with
+    /// its signals) and the queue and streamheader dropped.
+    fn stop(&self) {
+        let obj = self.obj();
+        (obj.class().as_ref().stop_serving)(&obj);
+        self.engine().stop();
+        gst::debug!(CAT, imp = self, "stopped");
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for RsMultiHandleSink {
+    const NAME: &'static str = "GstRsMultiHandleSink";
+    const ABSTRACT: bool = true;
+    type Type = super::RsMultiHandleSink;
+    type ParentType = gst_base::BaseSink;
+    type Class = super::Class;
+
+    fn class_init(class: &mut Self::Class) {
+        // The base class's own behaviour; subclasses override through IsSubclassable.
+        class.client_added = |_, _| {};
+        class.client_removed = |_, _, _| {};
+        class.client_fd_removed = |_, _| {};
+        class.start_serving = |_| Ok(());
+        class.stop_serving = |_| {};
+        class.default_placement = |obj| obj.imp().settings_placement();
+    }
+}
+
+impl ObjectImpl for RsMultiHandleSink {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            vec![
+                glib::ParamSpecInt::builder("buffers-max")
+                    .nick("Buffers max")
+                    .blurb("max number of buffers to queue for a client (-1 = no limit)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_UNITS_LIMIT as i32)
+                    .build(),
+                glib::ParamSpecInt::builder("buffers-soft-max")
+                    .nick("Buffers soft max")
+                    .blurb("Recover client when going over this limit (-1 = no limit)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_UNITS_LIMIT as i32)
+                    .build(),
+                glib::ParamSpecInt::builder("buffers-min")
+                    .nick("Buffers min")
+                    .blurb("min number of buffers to queue (-1 = as few as possible)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_MIN)
+                    .build(),
+                glib::ParamSpecInt::builder("bytes-min")
+                    .nick("Bytes min")
+                    .blurb("min number of bytes to queue (-1 = as little as possible)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_MIN)
+                    .build(),
+                glib::ParamSpecInt64::builder("time-min")
+                    .nick("Time min")
+                    .blurb("min amount of time to queue (in nanoseconds) (-1 = as little as possible)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_MIN.into())
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("unit-format", DEFAULT_UNIT_FORMAT)
+                    .nick("Units format")
+                    .blurb("The unit to measure the max/soft-max/queued properties")
+                    .build(),
+                glib::ParamSpecInt64::builder("units-max")
+                    .nick("Units max")
+                    .blurb("max number of units to queue (-1 = no limit)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_UNITS_LIMIT)
+                    .build(),
+                glib::ParamSpecInt64::builder("units-soft-max")
+                    .nick("Units soft max")
+                    .blurb("Recover client when going over this limit (-1 = no limit)")
+                    .minimum(-1)
+                    .default_value(DEFAULT_UNITS_LIMIT)
+                    .build(),
+                glib::ParamSpecUInt::builder("buffers-queued")
+                    .nick("Buffers queued")
+                    .blurb("Number of buffers currently queued")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("bytes-queued")
+                    .nick("Bytes queued")
+                    .blurb("Number of bytes currently queued")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("time-queued")
+                    .nick("Time queued")
+                    .blurb("Amount of time currently queued (in nanoseconds)")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("recover-policy", DEFAULT_RECOVER_POLICY)
+                    .nick("Recover Policy")
+                    .blurb("How to recover when client reaches the soft max")
+                    .build(),
+                glib::ParamSpecUInt64::builder("timeout")
+                    .nick("Timeout")
+                    .blurb("Maximum inactivity timeout in nanoseconds for a client (0 = no limit)")
+                    .default_value(DEFAULT_TIMEOUT)
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("sync-method", DEFAULT_SYNC_METHOD)
+                    .nick("Sync Method")
+                    .blurb("How to sync new clients to the stream")
+                    .build(),
+                glib::ParamSpecUInt64::builder("bytes-to-serve")
+                    .nick("Bytes to serve")
+                    .blurb("Number of bytes received to serve to clients")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("bytes-served")
+                    .nick("Bytes served")
+                    .blurb("Total number of bytes send to all clients")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("burst-format", DEFAULT_BURST_FORMAT)
+                    .nick("Burst format")
+                    .blurb("The format of the burst units (when sync-method is burst[[-with]-keyframe])")
+                    .build(),
+                glib::ParamSpecUInt64::builder("burst-value")
+                    .nick("Burst value")
+                    .blurb("The amount of burst expressed in burst-format")
+                    .default_value(DEFAULT_BURST_VALUE)
+                    .build(),
+                glib::ParamSpecInt::builder("qos-dscp")
+                    .nick("QoS diff srv code point")
+                    .blurb("Quality of Service, differentiated services code point (-1 default)")
+                    .minimum(-1)
+                    .maximum(63)
+                    .default_value(DEFAULT_QOS_DSCP)
+                    .build(),
+                glib::ParamSpecBoolean::builder("resend-streamheader")
+                    .nick("Resend streamheader")
+                    .blurb("Resend the streamheader if it changes in the caps")
+                    .default_value(DEFAULT_RESEND_STREAMHEADER)
+                    .build(),
+                glib::ParamSpecUInt::builder("num-handles")
+                    .nick("Number of handles")
+                    .blurb("The current number of client handles")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt::builder("io-threads")
+                    .nick("IO threads")
+                    .blurb("Threads writing to clients (clients are spread over them); changes only in NULL, or in READY without clients")
+                    .minimum(1)
+                    .maximum(MAX_IO_THREADS)
+                    .default_value(DEFAULT_IO_THREADS)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("request-keyframe")
+                    .nick("Request keyframe")
+                    .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
+                    .default_value(DEFAULT_REQUEST_KEYFRAME)
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn signals() -> &'static [glib::subclass::Signal] {
+        static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
+            vec![
+                glib::subclass::Signal::builder("clear")
+                    .run_last()
+                    .action()
+                    .class_handler(|args| {
+                        let element = args[0]
+                            .get::<super::RsMultiHandleSink>()
+                            .expect("signal emitted on a multi handle sink");
+                        gst::debug!(CAT, obj = &element, "clearing all clients");
+                        element.imp().engine().clear();
+                        None
+                    })
+                    .build(),
+            ]
+        });
+        SIGNALS.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap();
+        match pspec.name() {
+            "buffers-max" => s.units_max = value.get::<i32>().unwrap().into(),
+            "buffers-soft-max" => s.units_soft_max = value.get::<i32>().unwrap().into(),
+            "buffers-min" => s.buffers_min = value.get().unwrap(),
+            "bytes-min" => s.bytes_min = value.get().unwrap(),
+            "time-min" => s.time_min = value.get().unwrap(),
+            "unit-format" => s.unit_format = value.get().unwrap(),
+            "units-max" => s.units_max = value.get().unwrap(),
+            "units-soft-max" => s.units_soft_max = value.get().unwrap(),
+            "recover-policy" => s.recover_policy = value.get().unwrap(),
+            "timeout" => s.timeout = value.get().unwrap(),
+            "sync-method" => s.sync_method = value.get().unwrap(),
+            "burst-format" => s.burst_format = value.get().unwrap(),
+            "burst-value" => s.burst_value = value.get().unwrap(),
+            "qos-dscp" => s.qos_dscp = value.get().unwrap(),
+            "resend-streamheader" => s.resend_streamheader = value.get().unwrap(),
+            "io-threads" => {
+                drop(s);
+                self.set_io_threads(value.get().unwrap());
+                return;
+            }
+            "request-keyframe" => s.request_keyframe = value.get().unwrap(),
+            name => unimplemented!("property {name}"),
+        }
+        gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
+        drop(s);
+        self.apply_settings();
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings.lock().unwrap();
+        let clamp_i32 = |v: i64| v.clamp(-1, i32::MAX as i64) as i32;
+        match pspec.name() {
+            "buffers-max" => clamp_i32(s.units_max).to_value(),
+            "buffers-soft-max" => clamp_i32(s.units_soft_max).to_value(),
+            "buffers-min" => s.buffers_min.to_value(),
+            "bytes-min" => s.bytes_min.to_value(),
+            "time-min" => s.time_min.to_value(),
+            "unit-format" => s.unit_format.to_value(),
+            "units-max" => s.units_max.to_value(),
+            "units-soft-max" => s.units_soft_max.to_value(),
+            "recover-policy" => s.recover_policy.to_value(),
+            "timeout" => s.timeout.to_value(),
+            "sync-method" => s.sync_method.to_value(),
+            "burst-format" => s.burst_format.to_value(),
+            "burst-value" => s.burst_value.to_value(),
+            "qos-dscp" => s.qos_dscp.to_value(),
+            "resend-streamheader" => s.resend_streamheader.to_value(),
+            "io-threads" => s.io_threads.to_value(),
+            "request-keyframe" => s.request_keyframe.to_value(),
+            name => {
+                drop(s);
+                let c = self.engine().counters();
+                let clamp_u32 = |v: u64| v.min(u32::MAX as u64) as u32;
+                match name {
+                    "buffers-queued" => clamp_u32(c.buffers_queued).to_value(),
+                    "bytes-queued" => c.bytes_queued.to_value(),
+                    "time-queued" => c.time_queued.to_value(),
+                    "bytes-to-serve" => c.bytes_to_serve.to_value(),
+                    "bytes-served" => c.bytes_served.to_value(),
+                    "num-handles" => clamp_u32(c.num_handles).to_value(),
+                    _ => unimplemented!("property {name}"),
+                }
+            }
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        let listener = Arc::new(SignalListener {
+            element: self.obj().downgrade(),
+        });
+        match Engine::new(listener) {
+            Ok(engine) => {
+                let _ = self.engine.set(engine);
+            }
+            // Without epoll nothing works; the state change to READY reports it.
+            Err(e) => gst::error!(CAT, imp = self, "cannot create the IO engine: {e}"),
+        }
+        self.apply_settings();
+    }
+}
+
+impl GstObjectImpl for RsMultiHandleSink {}
+
+impl ElementImpl for RsMultiHandleSink {
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            vec![
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &gst::Caps::new_any(),
+                )
+                .unwrap(),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+
+    fn change_state(
+        &self,
+        transition: gst::StateChange,
+    ) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if transition == gst::StateChange::NullToReady
+            && let Err(msg) = self.start()
+        {
+            self.post_error_message(msg);
+            return Err(gst::StateChangeError);
+        }
+        let result = self.parent_change_state(transition);
+        if transition == gst::StateChange::ReadyToNull {
+            self.stop();
+        }
+        result
+    }
+}
+
+impl BaseSinkImpl for RsMultiHandleSink {
+    fn set_caps(&self, caps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        let streamheader = self.streamheader_of(caps);
+        gst::debug!(
+            CAT,
+            imp = self,
+            "caps {caps}: streamheader of {} buffers",
+            streamheader.as_ref().map_or(0, Vec::len)
+        );
+        self.engine().set_streamheader(streamheader);
+        Ok(())
+    }
+
+    fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let chunk = Self::chunk_of(buffer).inspect_err(|_| {
+            gst::element_imp_error!(self, gst::ResourceError::Read, ["cannot map buffer"]);
+        })?;
+        gst::log!(
+            CAT,
+            imp = self,
+            "queueing buffer of {} bytes, pts {:?}",
+            chunk.len(),
+            buffer.pts()
+        );
+        self.engine().push(chunk);
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
