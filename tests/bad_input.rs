@@ -21,18 +21,18 @@ fn high_pipe(at: i32) -> (OwnedFd, i32) {
 
 #[test]
 fn fd_closed_by_the_app_while_in_use_is_an_error_not_a_crash() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    let rec = Recorder::attach(&fed.sink);
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    let rec = Recorder::attach(&h.sink());
     let (good_r, good_w) = pipe();
-    fed.add(raw(&good_w));
+    h.add_fd(raw(&good_w));
     let (_r, bad) = high_pipe(7000);
-    fed.add(bad);
-    fed.push(b"one", false);
+    h.add_fd(bad);
+    h.push_bytes(b"one", false);
     assert_eq!(read_exact(&good_r, 3), b"one");
     // The app misbehaves: closes the fd it handed over.
     nix::unistd::close(bad).unwrap();
-    fed.push(b"two", false);
+    h.push_bytes(b"two", false);
     rec.wait_fd_removed(bad);
     assert!(
         rec.events().contains(&Event::Removed(bad, "error".into())),
@@ -40,35 +40,35 @@ fn fd_closed_by_the_app_while_in_use_is_an_error_not_a_crash() {
         rec.events()
     );
     assert_eq!(read_exact(&good_r, 3), b"two");
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn full_device_gives_error_status() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    let rec = Recorder::attach(&fed.sink);
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    let rec = Recorder::attach(&h.sink());
     let full = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
         .unwrap();
     let (good_r, good_w) = pipe();
-    fed.add(raw(&good_w));
-    fed.add(full.as_raw_fd());
-    fed.push(b"data", false);
+    h.add_fd(raw(&good_w));
+    h.add_fd(full.as_raw_fd());
+    h.push_bytes(b"data", false);
     rec.wait_fd_removed(full.as_raw_fd());
     assert!(
         rec.events()
             .contains(&Event::Removed(full.as_raw_fd(), "error".into()))
     );
     assert_eq!(read_exact(&good_r, 4), b"data");
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn empty_and_64_mib_buffers() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
     let (a, b) = nix::sys::socket::socketpair(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::Stream,
@@ -76,9 +76,9 @@ fn empty_and_64_mib_buffers() {
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )
     .unwrap();
-    fed.add(raw(&b));
-    fed.push(b"", false);
-    fed.push(b"x", false);
+    h.add_fd(raw(&b));
+    h.push_bytes(b"", false);
+    h.push_bytes(b"x", false);
     let huge: Vec<u8> = (0..64 << 20).map(|i: u32| (i % 251) as u8).collect();
     // A reader drains while the sink writes: the streaming thread never waits.
     let reader = std::thread::spawn(move || {
@@ -86,9 +86,9 @@ fn empty_and_64_mib_buffers() {
         let got = read_exact_within(&a, 1 + (64 << 20) + 3, std::time::Duration::from_secs(300));
         (got, a)
     });
-    fed.push(&huge, false);
-    fed.push(b"", false);
-    fed.push(b"end", false);
+    h.push_bytes(&huge, false);
+    h.push_bytes(b"", false);
+    h.push_bytes(b"end", false);
     let (got, _a) = reader.join().unwrap();
     assert_eq!(&got[..1], b"x");
     assert!(
@@ -96,40 +96,40 @@ fn empty_and_64_mib_buffers() {
         "64 MiB buffer corrupted"
     );
     assert_eq!(&got[1 + huge.len()..], b"end");
-    assert_eq!(fed.u64("bytes-to-serve"), 1 + (64 << 20) + 3);
-    fed.stop();
+    assert_eq!(h.u64("bytes-to-serve"), 1 + (64 << 20) + 3);
+    h.stop();
 }
 
 #[test]
 fn broken_streamheaders_are_ignored_with_a_warning() {
-    let fed = Fed::new(SINK, &[]);
+    let mut h = harness(SINK, &[]);
     let (r, w) = pipe();
-    fed.add(raw(&w));
+    h.add_fd(raw(&w));
     // Not an array.
-    fed.caps(
-        gst::Caps::builder("application/x-gst-check")
+    h.set_src_caps(
+        gst::Caps::builder(CHECK_CAPS)
             .field("streamheader", "not buffers")
             .build(),
     );
-    fed.push(b"a", false);
+    h.push_bytes(b"a", false);
     assert_eq!(read_exact(&r, 1), b"a");
     // An array of something else.
-    fed.caps(
-        gst::Caps::builder("application/x-gst-check")
+    h.set_src_caps(
+        gst::Caps::builder(CHECK_CAPS)
             .field("streamheader", gst::Array::new([1i32, 2]))
             .build(),
     );
-    fed.push(b"b", false);
+    h.push_bytes(b"b", false);
     assert_eq!(read_exact(&r, 1), b"b");
     // Caps without, then with a good streamheader: the client gets it before the
     // next buffer.
-    fed.plain_caps();
-    fed.caps(streamheader_caps(&[b"H"]));
-    fed.push(b"c", false);
+    h.set_src_caps_str(CHECK_CAPS);
+    h.set_src_caps(streamheader_caps(&[b"H"]));
+    h.push_bytes(b"c", false);
     assert_eq!(read_exact(&r, 2), b"Hc");
-    fed.wait_u64("bytes-served", 4);
+    h.wait_u64("bytes-served", 4);
     assert_nothing_readable(&r);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
@@ -142,7 +142,7 @@ fn absurd_property_values_are_refused_or_harmless() {
         .unwrap();
     assert_eq!(bin.by_name("s").unwrap().property::<i32>("qos-dscp"), -1);
     // Extreme but valid values: the stream still flows.
-    let fed = Fed::new(
+    let mut h = harness(
         SINK,
         &[
             ("units-max", &i64::MAX.to_string()),
@@ -158,15 +158,15 @@ fn absurd_property_values_are_refused_or_harmless() {
             ("recover-policy", "keyframe"),
         ],
     );
-    fed.plain_caps();
+    h.set_src_caps_str(CHECK_CAPS);
     let (r, w) = pipe();
-    fed.add(raw(&w));
+    h.add_fd(raw(&w));
     for i in 0..10 {
-        fed.push(&b16(i), false);
+        h.push_bytes(&b16(i), false);
     }
     let want: Vec<u8> = (0..10).flat_map(b16).collect();
     assert_eq!(read_exact(&r, want.len()), want);
-    fed.stop();
+    h.stop();
 }
 
 #[test]

@@ -13,24 +13,24 @@ const SINK: &str = "rsmultifdsink";
 
 #[test]
 fn no_clients() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    fed.push(b"dead", false);
-    assert_eq!(fed.u64("bytes-to-serve"), 4);
-    assert_eq!(fed.u64("bytes-served"), 0);
-    fed.stop();
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    h.push_bytes(b"dead", false);
+    assert_eq!(h.u64("bytes-to-serve"), 4);
+    assert_eq!(h.u64("bytes-served"), 0);
+    h.stop();
 }
 
 #[test]
 fn add_client() {
-    let fed = Fed::new(SINK, &[]);
+    let mut h = harness(SINK, &[]);
     let (r, w) = pipe();
-    fed.add(raw(&w));
-    fed.plain_caps();
-    fed.push(b"dead", false);
+    h.add_fd(raw(&w));
+    h.set_src_caps_str(CHECK_CAPS);
+    h.push_bytes(b"dead", false);
     assert_eq!(read_exact(&r, 4), b"dead");
-    fed.wait_u64("bytes-served", 4);
-    fed.stop();
+    h.wait_u64("bytes-served", 4);
+    h.stop();
     assert!(is_open(raw(&w)), "the element closed an fd it was given");
 }
 
@@ -47,73 +47,73 @@ fn add_client_in_null_state_adds_nothing() {
 
 #[test]
 fn streamheader_sent_once_then_data() {
-    let fed = Fed::new(SINK, &[]);
+    let mut h = harness(SINK, &[]);
     let (r1, w1) = pipe();
     let (r2, w2) = pipe();
-    assert_eq!(fed.u32("num-handles"), 0);
-    fed.add(raw(&w1));
-    assert_eq!(fed.u32("num-handles"), 1);
-    fed.caps(streamheader_caps(&[b"babe", b"deadbeef"]));
+    assert_eq!(h.u32("num-handles"), 0);
+    h.add_fd(raw(&w1));
+    assert_eq!(h.u32("num-handles"), 1);
+    h.set_src_caps(streamheader_caps(&[b"babe", b"deadbeef"]));
     // The HEADER buffers repeat the caps' streamheader: not sent as data.
-    fed.push_buffer(buffer(b"babe", false, true));
-    fed.push_buffer(buffer(b"deadbeef", false, true));
-    fed.push(b"f00d", false);
+    h.push_ok(buffer(b"babe", false, true));
+    h.push_ok(buffer(b"deadbeef", false, true));
+    h.push_bytes(b"f00d", false);
     assert_eq!(read_exact(&r1, 16), b"babedeadbeeff00d");
-    fed.wait_u64("bytes-served", 16);
+    h.wait_u64("bytes-served", 16);
 
-    fed.add(raw(&w2));
-    assert_eq!(fed.u32("num-handles"), 2);
-    fed.push(b"deaf", false);
+    h.add_fd(raw(&w2));
+    assert_eq!(h.u32("num-handles"), 2);
+    h.push_bytes(b"deaf", false);
     assert_eq!(read_exact(&r1, 4), b"deaf");
     assert_eq!(read_exact(&r2, 16), b"babedeadbeefdeaf");
-    fed.wait_u64("bytes-served", 36);
+    h.wait_u64("bytes-served", 36);
     assert_nothing_readable(&r1);
     assert_nothing_readable(&r2);
-    fed.remove(raw(&w1));
-    assert_eq!(fed.u32("num-handles"), 1);
-    fed.remove(raw(&w2));
-    assert_eq!(fed.u32("num-handles"), 0);
-    fed.stop();
+    h.remove_fd(raw(&w1));
+    assert_eq!(h.u32("num-handles"), 1);
+    h.remove_fd(raw(&w2));
+    assert_eq!(h.u32("num-handles"), 0);
+    h.stop();
 }
 
 #[test]
 fn changed_streamheader_is_resent() {
-    let fed = Fed::new(SINK, &[]);
+    let mut h = harness(SINK, &[]);
     let (r1, w1) = pipe();
     let (r2, w2) = pipe();
-    fed.caps(streamheader_caps(&[b"first", b"header"]));
-    fed.push_buffer(buffer(b"first", false, true));
-    fed.push_buffer(buffer(b"header", false, true));
-    fed.add(raw(&w1));
-    fed.push(b"f00d", false);
+    h.set_src_caps(streamheader_caps(&[b"first", b"header"]));
+    h.push_ok(buffer(b"first", false, true));
+    h.push_ok(buffer(b"header", false, true));
+    h.add_fd(raw(&w1));
+    h.push_bytes(b"f00d", false);
     assert_eq!(read_exact(&r1, 15), b"firstheaderf00d");
-    fed.add(raw(&w2));
-    fed.caps(streamheader_caps(&[b"second", b"header"]));
-    fed.push_buffer(buffer(b"second", false, true));
-    fed.push_buffer(buffer(b"header", false, true));
-    fed.push(b"deadbabe", false);
+    h.add_fd(raw(&w2));
+    h.set_src_caps(streamheader_caps(&[b"second", b"header"]));
+    h.push_ok(buffer(b"second", false, true));
+    h.push_ok(buffer(b"header", false, true));
+    h.push_bytes(b"deadbabe", false);
     assert_eq!(read_exact(&r1, 20), b"secondheaderdeadbabe");
     assert_eq!(read_exact(&r2, 20), b"secondheaderdeadbabe");
-    fed.wait_u64("bytes-served", 55);
+    h.wait_u64("bytes-served", 55);
     assert_nothing_readable(&r1);
     assert_nothing_readable(&r2);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn changed_streamheader_not_resent_when_disabled() {
-    let fed = Fed::new(SINK, &[("resend-streamheader", "false")]);
+    let mut h = harness(SINK, &[("resend-streamheader", "false")]);
     let (r1, w1) = pipe();
-    fed.caps(streamheader_caps(&[b"first"]));
-    fed.add(raw(&w1));
-    fed.push(b"f00d", false);
+    h.set_src_caps(streamheader_caps(&[b"first"]));
+    h.add_fd(raw(&w1));
+    h.push_bytes(b"f00d", false);
     assert_eq!(read_exact(&r1, 9), b"firstf00d");
-    fed.caps(streamheader_caps(&[b"second"]));
-    fed.push(b"beef", false);
+    h.set_src_caps(streamheader_caps(&[b"second"]));
+    h.push_bytes(b"beef", false);
     assert_eq!(read_exact(&r1, 4), b"beef");
-    fed.wait_u64("bytes-served", 13);
+    h.wait_u64("bytes-served", 13);
     assert_nothing_readable(&r1);
-    fed.stop();
+    h.stop();
 }
 
 /// The three burst scenarios of the check suite: 9 buffers of 16 bytes queued with
@@ -124,7 +124,7 @@ fn burst_scenario(
     limits: [(u64, u64); 2],
     expect: [std::ops::RangeInclusive<u32>; 3],
 ) {
-    let fed = Fed::new(
+    let mut h = harness(
         SINK,
         &[
             ("bytes-min", "100"),
@@ -133,17 +133,17 @@ fn burst_scenario(
             ("burst-value", "80"),
         ],
     );
-    fed.plain_caps();
+    h.set_src_caps_str(CHECK_CAPS);
     let delta = |i: u32| keyframes && !i.is_multiple_of(4);
     for i in 0..9 {
-        fed.push(&b16(i), delta(i));
+        h.push_bytes(&b16(i), delta(i));
     }
-    assert_eq!(fed.u32("buffers-queued"), 7);
+    assert_eq!(h.u32("buffers-queued"), 7);
     let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
-    fed.add(raw(&pipes[0].1));
-    let sync_value = fed.sink.property_value("sync-method");
+    h.add_fd(raw(&pipes[0].1));
+    let sync_value = h.sink().property_value("sync-method");
     for (i, (min, max)) in limits.iter().enumerate() {
-        fed.sink.emit_by_name_with_values(
+        h.sink().emit_by_name_with_values(
             "add-full",
             &[
                 raw(&pipes[i + 1].1).to_value(),
@@ -155,8 +155,8 @@ fn burst_scenario(
             ],
         );
     }
-    assert_eq!(fed.u32("num-handles"), 3);
-    fed.push(&b16(9), delta(9));
+    assert_eq!(h.u32("num-handles"), 3);
+    h.push_bytes(&b16(9), delta(9));
     for (p, range) in pipes.iter().zip(expect) {
         let want: Vec<u8> = range.clone().flat_map(b16).collect();
         assert_eq!(
@@ -165,7 +165,7 @@ fn burst_scenario(
             "expected buffers {range:?}"
         );
     }
-    fed.stop();
+    h.stop();
     for p in &pipes {
         assert_nothing_readable(&p.0);
     }
@@ -198,40 +198,40 @@ fn burst_client_bytes_with_keyframe() {
 
 #[test]
 fn client_next_keyframe() {
-    let fed = Fed::new(SINK, &[("sync-method", "next-keyframe")]);
-    fed.plain_caps();
+    let mut h = harness(SINK, &[("sync-method", "next-keyframe")]);
+    h.set_src_caps_str(CHECK_CAPS);
     let (r, w) = pipe();
-    fed.add(raw(&w));
-    fed.push(&b16(0), true); // a delta unit: skipped while waiting
-    fed.push(&b16(1), false);
-    fed.push(&b16(2), true);
+    h.add_fd(raw(&w));
+    h.push_bytes(&b16(0), true); // a delta unit: skipped while waiting
+    h.push_bytes(&b16(1), false);
+    h.push_bytes(&b16(2), true);
     let want: Vec<u8> = [b16(1), b16(2)].concat();
     assert_eq!(read_exact(&r, 32), want);
-    fed.wait_u64("bytes-served", 32);
+    h.wait_u64("bytes-served", 32);
     assert_nothing_readable(&r);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn client_kick_slow_client_others_get_everything() {
-    let fed = Fed::new(SINK, &[("units-max", "3")]);
-    let rec = Recorder::attach(&fed.sink);
-    fed.plain_caps();
+    let mut h = harness(SINK, &[("units-max", "3")]);
+    let rec = Recorder::attach(&h.sink());
+    h.set_src_caps_str(CHECK_CAPS);
     let big = |i: u32| b16(i).repeat(16 * 1024);
     let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
     for p in &pipes {
-        fed.add(raw(&p.1));
+        h.add_fd(raw(&p.1));
     }
     for i in 0..3 {
-        fed.push(&big(i), false);
+        h.push_bytes(&big(i), false);
     }
     for i in 0..3 {
         assert_eq!(read_exact(&pipes[0].0, big(i).len()), big(i));
         assert_eq!(read_exact(&pipes[2].0, big(i).len()), big(i));
     }
     let mut i = 3;
-    while fed.u32("num-handles") == 3 {
-        fed.push(&big(i), false);
+    while h.u32("num-handles") == 3 {
+        h.push_bytes(&big(i), false);
         i += 1;
         assert!(i < 20, "slow client never kicked");
         // Keep the two good readers drained so only client 2 lags.
@@ -242,20 +242,20 @@ fn client_kick_slow_client_others_get_everything() {
     let slow = raw(&pipes[1].1);
     let events = rec.wait_fd_removed(slow);
     assert!(events.contains(&Event::Removed(slow, "slow".into())));
-    assert_eq!(fed.u32("num-handles"), 2);
-    fed.remove(raw(&pipes[0].1));
-    fed.remove(raw(&pipes[2].1));
+    assert_eq!(h.u32("num-handles"), 2);
+    h.remove_fd(raw(&pipes[0].1));
+    h.remove_fd(raw(&pipes[2].1));
     for p in &pipes {
         assert!(is_open(raw(&p.1)));
     }
     drop(pipes);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn signals_follow_the_contract() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
     let (r, w) = pipe();
     let fd = raw(&w);
     let stats_in_removed: Arc<Mutex<Option<gst::Structure>>> = Default::default();
@@ -263,29 +263,29 @@ fn signals_follow_the_contract() {
     let added_on_caller = Arc::new(Mutex::new(None));
     {
         let a = added_on_caller.clone();
-        fed.sink.connect("client-added", false, move |_| {
+        h.sink().connect("client-added", false, move |_| {
             *a.lock().unwrap() = Some(std::thread::current().id() == caller);
             None
         });
         let s = stats_in_removed.clone();
-        fed.sink.connect("client-removed", false, move |args| {
+        h.sink().connect("client-removed", false, move |args| {
             let sink = args[0].get::<gst::Element>().unwrap();
             let fd = args[1].get::<i32>().unwrap();
             *s.lock().unwrap() = Some(sink.emit_by_name::<gst::Structure>("get-stats", &[&fd]));
             None
         });
     }
-    let rec = Recorder::attach(&fed.sink);
-    fed.add(fd);
+    let rec = Recorder::attach(&h.sink());
+    h.add_fd(fd);
     assert_eq!(
         *added_on_caller.lock().unwrap(),
         Some(true),
         "client-added not emitted synchronously in add"
     );
-    fed.push(b"abcdef", false);
+    h.push_bytes(b"abcdef", false);
     assert_eq!(read_exact(&r, 6), b"abcdef");
-    fed.wait_u64("bytes-served", 6);
-    fed.remove(fd);
+    h.wait_u64("bytes-served", 6);
+    h.remove_fd(fd);
     // remove is synchronous: both signals, in order, before it returned.
     assert_eq!(
         rec.events(),
@@ -322,27 +322,27 @@ fn signals_follow_the_contract() {
     );
     assert!(stats.get::<u64>("disconnect-time").unwrap() > 0);
     // A second remove is only a warning.
-    fed.remove(fd);
+    h.remove_fd(fd);
     assert_eq!(rec.events().len(), 3);
     // The element forgot the fd: the same number can be added again at once.
-    fed.add(fd);
-    assert_eq!(fed.u32("num-handles"), 1);
-    fed.push(b"again", false);
+    h.add_fd(fd);
+    assert_eq!(h.u32("num-handles"), 1);
+    h.push_bytes(b"again", false);
     assert_eq!(read_exact(&r, 5), b"again");
     assert!(is_open(fd));
-    fed.stop();
+    h.stop();
     // NULL removed it with the signals.
     assert_eq!(rec.events().last(), Some(&Event::FdRemoved(fd)));
 }
 
 #[test]
 fn duplicate_add_only_signals_duplicate() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    let rec = Recorder::attach(&fed.sink);
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    let rec = Recorder::attach(&h.sink());
     let (r, w) = pipe();
-    fed.add(raw(&w));
-    fed.add(raw(&w));
+    h.add_fd(raw(&w));
+    h.add_fd(raw(&w));
     assert_eq!(
         rec.events(),
         vec![
@@ -350,29 +350,29 @@ fn duplicate_add_only_signals_duplicate() {
             Event::Removed(raw(&w), "duplicate".into())
         ]
     );
-    fed.push(b"still", false);
+    h.push_bytes(b"still", false);
     assert_eq!(read_exact(&r, 5), b"still");
-    assert_eq!(fed.u32("num-handles"), 1);
-    fed.stop();
+    assert_eq!(h.u32("num-handles"), 1);
+    h.stop();
 }
 
 #[test]
 fn get_stats_of_unknown_fd_is_empty_structure() {
-    let fed = Fed::new(SINK, &[]);
-    let s = fed
-        .sink
+    let h = harness(SINK, &[]);
+    let s = h
+        .sink()
         .emit_by_name::<gst::Structure>("get-stats", &[&12345i32]);
     assert_eq!(s.n_fields(), 0);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn bad_fds_are_removed_from_the_io_side_and_harm_nobody() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    let rec = Recorder::attach(&fed.sink);
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    let rec = Recorder::attach(&h.sink());
     let (r, w) = pipe();
-    fed.add(raw(&w));
+    h.add_fd(raw(&w));
     let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
     // A number far above what the test process opens, so no other test reuses it.
     let closed = {
@@ -384,7 +384,7 @@ fn bad_fds_are_removed_from_the_io_side_and_harm_nobody() {
     };
     let (read_end_only, _keep) = pipe();
     for bad in [-1, closed, dir.as_raw_fd(), raw(&read_end_only)] {
-        fed.add(bad);
+        h.add_fd(bad);
         let events = rec.wait_fd_removed(bad);
         let at = |e: Event| events.iter().position(|x| *x == e);
         // Added first, then removed (from the IO side), then forgotten.
@@ -395,10 +395,10 @@ fn bad_fds_are_removed_from_the_io_side_and_harm_nobody() {
             "{events:?}"
         );
     }
-    fed.push(b"good", false);
+    h.push_bytes(b"good", false);
     assert_eq!(read_exact(&r, 4), b"good");
     assert!(is_open(dir.as_raw_fd()));
-    fed.stop();
+    h.stop();
 }
 
 #[test]
@@ -445,35 +445,35 @@ fn properties_by_nick_and_aliases() {
 
 #[test]
 fn remove_flush_sends_what_is_queued_then_removes() {
-    let fed = Fed::new(SINK, &[]);
-    fed.plain_caps();
-    let rec = Recorder::attach(&fed.sink);
+    let mut h = harness(SINK, &[]);
+    h.set_src_caps_str(CHECK_CAPS);
+    let rec = Recorder::attach(&h.sink());
     let (r, w) = pipe();
     let fd = raw(&w);
-    fed.add(fd);
+    h.add_fd(fd);
     // Fill the pipe so the client has data queued when flushed.
     let big = vec![7u8; 256 * 1024];
-    fed.push(&big, false);
-    fed.sink.emit_by_name::<()>("remove-flush", &[&fd]);
-    fed.push(b"newer", false);
+    h.push_bytes(&big, false);
+    h.sink().emit_by_name::<()>("remove-flush", &[&fd]);
+    h.push_bytes(b"newer", false);
     assert_eq!(read_exact(&r, big.len()), big);
     rec.wait_fd_removed(fd);
     assert!(rec.events().contains(&Event::Removed(fd, "removed".into())));
     assert_nothing_readable(&r);
     assert!(is_open(fd));
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn clear_removes_everyone() {
-    let fed = Fed::new(SINK, &[]);
-    let rec = Recorder::attach(&fed.sink);
+    let h = harness(SINK, &[]);
+    let rec = Recorder::attach(&h.sink());
     let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
     for p in &pipes {
-        fed.add(raw(&p.1));
+        h.add_fd(raw(&p.1));
     }
-    fed.sink.emit_by_name::<()>("clear", &[]);
-    assert_eq!(fed.u32("num-handles"), 0);
+    h.sink().emit_by_name::<()>("clear", &[]);
+    assert_eq!(h.u32("num-handles"), 0);
     for p in &pipes {
         assert!(
             rec.events()
@@ -481,7 +481,7 @@ fn clear_removes_everyone() {
         );
         assert!(rec.events().contains(&Event::FdRemoved(raw(&p.1))));
     }
-    fed.stop();
+    h.stop();
 }
 
 #[test]
@@ -499,18 +499,18 @@ fn same_bytes_as_the_c_multifdsink() {
     ];
     let mut captured = Vec::new();
     for factory in [SINK, "multifdsink"] {
-        let fed = Fed::new(factory, &props);
-        let rec = Recorder::attach(&fed.sink);
-        fed.caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
+        let mut h = harness(factory, &props);
+        let rec = Recorder::attach(&h.sink());
+        h.set_src_caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
         let mut clients = Vec::new();
         for (i, data) in (0..30u32).map(b16).enumerate() {
             // Clients join at different points of the stream.
             if i % 10 == 5 {
                 let p = pipe();
-                fed.add(raw(&p.1));
+                h.add_fd(raw(&p.1));
                 clients.push(p);
             }
-            fed.push(&data, i % 3 != 0);
+            h.push_bytes(&data, i % 3 != 0);
             if i % 10 == 5 {
                 // The C element places a new client when its IO thread gets to it:
                 // wait for that, so both place it at the same point of the stream.
@@ -519,9 +519,9 @@ fn same_bytes_as_the_c_multifdsink() {
         }
         // Flush everyone: what is queued for them is written, then they go.
         for p in &clients {
-            fed.sink.emit_by_name::<()>("remove-flush", &[&raw(&p.1)]);
+            h.sink().emit_by_name::<()>("remove-flush", &[&raw(&p.1)]);
         }
-        fed.push(b"not sent", false);
+        h.push_bytes(b"not sent", false);
         let bytes: Vec<Vec<u8>> = clients
             .iter()
             .map(|p| {
@@ -530,7 +530,7 @@ fn same_bytes_as_the_c_multifdsink() {
             })
             .collect();
         captured.push(bytes);
-        fed.stop();
+        h.stop();
     }
     assert!(
         captured[0].iter().all(|b| b.starts_with(b"HEAD1HEAD2")),
@@ -560,39 +560,39 @@ fn io_threads_spread_clients_and_every_one_gets_the_same_bytes() {
     sink.set_property("io-threads", 4u32);
     assert_eq!(sink.property::<u32>("io-threads"), 4);
     drop(sink);
-    let fed = Fed::new(SINK, &[("io-threads", "4"), ("sync-method", "latest")]);
+    let mut h = harness(SINK, &[("io-threads", "4"), ("sync-method", "latest")]);
     // Changing the thread count while running is refused (and harmless).
-    fed.sink.set_property("io-threads", 2u32);
-    assert_eq!(fed.sink.property::<u32>("io-threads"), 4);
-    let rec = Recorder::attach(&fed.sink);
-    fed.caps(streamheader_caps(&[b"HEAD"]));
+    h.sink().set_property("io-threads", 2u32);
+    assert_eq!(h.sink().property::<u32>("io-threads"), 4);
+    let rec = Recorder::attach(&h.sink());
+    h.set_src_caps(streamheader_caps(&[b"HEAD"]));
     let pipes: Vec<_> = (0..20).map(|_| pipe()).collect();
     for p in &pipes {
-        fed.add(raw(&p.1));
+        h.add_fd(raw(&p.1));
     }
-    assert_eq!(fed.u32("num-handles"), 20);
+    assert_eq!(h.u32("num-handles"), 20);
     let mut want = b"HEAD".to_vec();
     for i in 0..50 {
-        fed.push(&b16(i), i % 5 != 0);
+        h.push_bytes(&b16(i), i % 5 != 0);
         want.extend(b16(i));
     }
     for p in &pipes {
         assert_eq!(read_exact(&p.0, want.len()), want);
     }
-    fed.wait_u64("bytes-served", 20 * want.len() as u64);
-    assert_eq!(fed.u64("bytes-to-serve"), 50 * 16);
+    h.wait_u64("bytes-served", 20 * want.len() as u64);
+    assert_eq!(h.u64("bytes-to-serve"), 50 * 16);
     // Trimming happens as buffers arrive, so how many are still queued depends on
     // how far the threads had written then: at most all of them.
-    assert!(fed.u32("buffers-queued") <= 50);
+    assert!(h.u32("buffers-queued") <= 50);
     // Removal and re-adding work whichever thread holds the client.
     let fd = raw(&pipes[7].1);
-    fed.remove(fd);
+    h.remove_fd(fd);
     assert_eq!(rec.events().last(), Some(&Event::FdRemoved(fd)));
-    fed.add(fd);
-    fed.push(b"after", false);
+    h.add_fd(fd);
+    h.push_bytes(b"after", false);
     assert_eq!(read_exact(&pipes[7].0, 4 + 5), b"HEADafter");
-    assert_eq!(fed.u32("num-handles"), 20);
-    fed.stop();
+    assert_eq!(h.u32("num-handles"), 20);
+    h.stop();
     assert_eq!(
         rec.events()
             .iter()
@@ -604,22 +604,22 @@ fn io_threads_spread_clients_and_every_one_gets_the_same_bytes() {
 
 #[test]
 fn no_buffer_or_streamheader_is_kept_after_null() {
-    let fed = Fed::new(SINK, &[("buffers-min", "100")]);
+    let mut h = harness(SINK, &[("buffers-min", "100")]);
     let header = buffer(b"HEAD", false, true);
-    let caps = gst::Caps::builder("application/x-gst-check")
+    let caps = gst::Caps::builder(CHECK_CAPS)
         .field("streamheader", gst::Array::new([header.to_send_value()]))
         .build();
-    fed.caps(caps);
+    h.set_src_caps(caps);
     let (r, w) = pipe();
-    fed.add(raw(&w));
+    h.add_fd(raw(&w));
     let data = buffer(b"data", false, false);
-    fed.push_buffer(data.clone());
+    h.push_ok(data.clone());
     assert_eq!(read_exact(&r, 8), b"HEADdata");
     // Writable means ours is the only reference.
     assert!(
         !data.is_writable(),
         "the queue holds the buffer while running"
     );
-    fed.stop();
+    h.stop();
     assert!(data.is_writable(), "a queued buffer outlived NULL");
 }

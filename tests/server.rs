@@ -24,13 +24,13 @@ use gst::prelude::*;
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// An `rstcpserversink` on 127.0.0.1, any free port, fed by the test's own pad.
-fn server(props: &[(&str, &str)]) -> (Fed, u16) {
+/// An `rstcpserversink` on 127.0.0.1, any free port, fed through the harness.
+fn server(props: &[(&str, &str)]) -> (Harness, u16) {
     let mut all = vec![("host", "127.0.0.1"), ("port", "0")];
     all.extend_from_slice(props);
-    let fed = Fed::new("rstcpserversink", &all);
-    let port = current_port(&fed.sink);
-    (fed, port)
+    let h = harness("rstcpserversink", &all);
+    let port = current_port(&h.sink());
+    (h, port)
 }
 
 fn current_port(sink: &gst::Element) -> u16 {
@@ -302,8 +302,8 @@ fn reset(s: TcpStream) {
 }
 
 /// Pushes `b16(i)` and checks the playing client gets exactly it.
-fn push_and_check(fed: &Fed, playing: &TcpStream, i: u32) {
-    fed.push(&b16(i), !i.is_multiple_of(4));
+fn push_and_check(h: &mut Harness, playing: &TcpStream, i: u32) {
+    h.push_bytes(&b16(i), !i.is_multiple_of(4));
     assert_eq!(
         read_exact(playing, 16),
         b16(i),
@@ -410,28 +410,28 @@ const WEBM_SERVER: &str = "videotestsrc is-live=true ! video/x-raw,width=160,hei
 /// Like `tcpserversink`: no HTTP, the streamheader and the buffers, byte for byte.
 #[test]
 fn raw_tcp_client_gets_exact_bytes_without_http() {
-    let (fed, port) = server(&[]);
-    assert!(!fed.sink.property::<bool>("http"), "HTTP is opt-in");
+    let (mut h, port) = server(&[]);
+    assert!(!h.sink().property::<bool>("http"), "HTTP is opt-in");
     let client = connect(port);
-    wait_handles(&fed.sink, 1);
-    fed.caps(streamheader_caps(&[b"<header1>", b"<header2>"]));
+    wait_handles(&h.sink(), 1);
+    h.set_src_caps(streamheader_caps(&[b"<header1>", b"<header2>"]));
     let mut want = b"<header1><header2>".to_vec();
     for i in 0..10 {
-        fed.push(&b16(i), i != 0);
+        h.push_bytes(&b16(i), i != 0);
         want.extend(b16(i));
     }
     assert_eq!(read_exact(&client, want.len()), want);
-    fed.wait_u64("bytes-served", want.len() as u64);
+    h.wait_u64("bytes-served", want.len() as u64);
     assert_nothing_readable(&client);
     // A second client joins on the next buffer, after the streamheader.
     let late = connect(port);
-    wait_handles(&fed.sink, 2);
-    fed.push(&b16(10), true);
+    wait_handles(&h.sink(), 2);
+    h.push_bytes(&b16(10), true);
     assert_eq!(read_exact(&client, 16), b16(10));
     let mut want_late = b"<header1><header2>".to_vec();
     want_late.extend(b16(10));
     assert_eq!(read_exact(&late, want_late.len()), want_late);
-    fed.stop();
+    h.stop();
     assert!(read_to_eof(&client).is_empty());
     assert!(read_to_eof(&late).is_empty());
 }
@@ -483,23 +483,23 @@ fn webm_caps(headers: &[&[u8]]) -> gst::Caps {
 /// and the data, exactly.
 #[test]
 fn http_get_gets_head_streamheader_then_data() {
-    let (fed, port) = server(&[("http", "true")]);
-    fed.caps(webm_caps(&[b"<ebml>", b"<tracks>"]));
-    fed.push(&b16(0), false);
+    let (mut h, port) = server(&[("http", "true")]);
+    h.set_src_caps(webm_caps(&[b"<ebml>", b"<tracks>"]));
+    h.push_bytes(&b16(0), false);
     let client = get(port, "/");
-    wait_handles(&fed.sink, 1);
+    wait_handles(&h.sink(), 1);
     let mut body_want = b"<ebml><tracks>".to_vec();
     for i in 1..6 {
-        fed.push(&b16(i), i % 3 != 0);
+        h.push_bytes(&b16(i), i % 3 != 0);
         body_want.extend(b16(i));
     }
     let (head, rest) = read_head(&client);
     assert_stream_head(&head, "video/webm");
     assert_eq!(read_more(&client, rest, body_want.len()), body_want);
     // The head is the server's, not the stream's: not counted as served.
-    fed.wait_u64("bytes-served", body_want.len() as u64);
+    h.wait_u64("bytes-served", body_want.len() as u64);
     assert_nothing_readable(&client);
-    fed.stop();
+    h.stop();
     assert!(read_to_eof(&client).is_empty());
 }
 
@@ -507,7 +507,7 @@ fn http_get_gets_head_streamheader_then_data() {
 /// with their Content-Type; one sent slowly after the connection is read as well.
 #[test]
 fn http_request_before_caps_is_answered_with_their_type() {
-    let (fed, port) = server(&[("http", "true")]);
+    let (mut h, port) = server(&[("http", "true")]);
     let early = get(port, "/");
     // Sending its request in two parts, the second after the first was read.
     let mut slow = request(port, b"GET / HTTP/1.1\r\n");
@@ -515,56 +515,56 @@ fn http_request_before_caps_is_answered_with_their_type() {
     wait_server_read_all(port, &early);
     wait_server_read_all(port, &slow);
     assert_nothing_readable(&early);
-    assert_eq!(handles(&fed.sink), 0);
-    fed.caps(webm_caps(&[b"<ebml>"]));
+    assert_eq!(handles(&h.sink()), 0);
+    h.set_src_caps(webm_caps(&[b"<ebml>"]));
     let (head, rest) = read_head(&early);
     assert_stream_head(&head, "video/webm");
-    wait_handles(&fed.sink, 1);
+    wait_handles(&h.sink(), 1);
     slow.write_all(b"Host: x\r\n\r\n").unwrap();
-    wait_handles(&fed.sink, 2);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 2);
+    h.push_bytes(&b16(0), false);
     let mut want = b"<ebml>".to_vec();
     want.extend(b16(0));
     assert_eq!(read_more(&early, rest, want.len()), want);
     let (head, rest) = read_head(&slow);
     assert_stream_head(&head, "video/webm");
     assert_eq!(read_more(&slow, rest, want.len()), want);
-    fed.stop();
+    h.stop();
 }
 
 /// HEAD: the same head, no body, and the connection is closed.
 #[test]
 fn http_head_gets_headers_only_and_is_closed() {
-    let (fed, port) = server(&[("http", "true")]);
-    fed.caps(webm_caps(&[b"<ebml>"]));
-    fed.push(&b16(0), false);
+    let (mut h, port) = server(&[("http", "true")]);
+    h.set_src_caps(webm_caps(&[b"<ebml>"]));
+    h.push_bytes(&b16(0), false);
     let client = request(port, b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n");
     let all = read_to_eof(&client);
     assert_stream_head(&all, "video/webm");
     assert_eq!(find(&all, b"\r\n\r\n").map(|i| i + 4), Some(all.len()));
-    assert_eq!(handles(&fed.sink), 0);
-    fed.push(&b16(1), true);
-    assert_eq!(handles(&fed.sink), 0);
+    assert_eq!(handles(&h.sink()), 0);
+    h.push_bytes(&b16(1), true);
+    assert_eq!(handles(&h.sink()), 0);
     wait_no_close_wait(port);
-    fed.stop();
+    h.stop();
 }
 
 #[test]
 fn http_mount_serves_only_its_path() {
-    let (fed, port) = server(&[("http", "true"), ("mount", "/live")]);
+    let (mut h, port) = server(&[("http", "true"), ("mount", "/live")]);
     assert_eq!(
-        fed.sink.property::<Option<String>>("mount").as_deref(),
+        h.sink().property::<Option<String>>("mount").as_deref(),
         Some("/live")
     );
-    fed.caps(webm_caps(&[b"<ebml>"]));
+    h.set_src_caps(webm_caps(&[b"<ebml>"]));
     for path in ["/other", "/", "/live/x", "/livex"] {
         assert_refused(&get(port, path), "HTTP/1.0 404 Not Found");
     }
-    assert_eq!(handles(&fed.sink), 0);
+    assert_eq!(handles(&h.sink()), 0);
     // The query string is not part of the path.
     let client = get(port, "/live?token=1");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let (head, rest) = read_head(&client);
     assert_stream_head(&head, "video/webm");
     let mut want = b"<ebml>".to_vec();
@@ -572,18 +572,18 @@ fn http_mount_serves_only_its_path() {
     assert_eq!(read_more(&client, rest, want.len()), want);
     // Refusals do not touch the client that plays.
     assert_refused(&get(port, "/nope"), "HTTP/1.0 404 Not Found");
-    push_and_check(&fed, &client, 1);
-    assert_eq!(handles(&fed.sink), 1);
-    fed.stop();
+    push_and_check(&mut h, &client, 1);
+    assert_eq!(handles(&h.sink()), 1);
+    h.stop();
 }
 
 #[test]
 fn http_max_clients_refuses_with_503() {
-    let (fed, port) = server(&[("http", "true"), ("max-clients", "1")]);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[("http", "true"), ("max-clients", "1")]);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let first = get(port, "/");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let (head, rest) = read_head(&first);
     assert_stream_head(&head, "application/octet-stream");
     let mut want = b"<h>".to_vec();
@@ -593,39 +593,39 @@ fn http_max_clients_refuses_with_503() {
     for _ in 0..3 {
         assert_refused(&get(port, "/"), "HTTP/1.0 503 Service Unavailable");
     }
-    assert_eq!(handles(&fed.sink), 1);
-    push_and_check(&fed, &first, 1);
+    assert_eq!(handles(&h.sink()), 1);
+    push_and_check(&mut h, &first, 1);
 
     // Once the first one leaves, there is room again.
     drop(first);
-    fed.push(&b16(2), true);
-    wait_handles(&fed.sink, 0);
+    h.push_bytes(&b16(2), true);
+    wait_handles(&h.sink(), 0);
     let second = get(port, "/");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(3), true);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(3), true);
     let (head, rest) = read_head(&second);
     assert_stream_head(&head, "application/octet-stream");
     let mut want = b"<h>".to_vec();
     want.extend(b16(3));
     assert_eq!(read_more(&second, rest, want.len()), want);
     wait_no_close_wait(port);
-    fed.stop();
+    h.stop();
 }
 
 /// Malformed, non-HTTP, oversized and silent requests are refused and closed while
 /// a client that plays keeps getting every byte.
 #[test]
 fn http_bad_requests_refused_while_a_client_plays() {
-    let (fed, port) = server(&[
+    let (mut h, port) = server(&[
         ("http", "true"),
         ("header-timeout", "300000000"),
         ("max-header-size", "256"),
     ]);
-    assert_eq!(fed.sink.property::<u64>("header-timeout"), 300_000_000);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    assert_eq!(h.sink().property::<u64>("header-timeout"), 300_000_000);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let playing = get(port, "/");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let (head, rest) = read_head(&playing);
     assert_stream_head(&head, "application/octet-stream");
     let mut want = b"<h>".to_vec();
@@ -643,14 +643,14 @@ fn http_bad_requests_refused_while_a_client_plays() {
     ];
     for req in bad {
         assert_refused(&request(port, req), "HTTP/1.0 400 Bad Request");
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
     }
     assert_refused(
         &request(port, b"POST / HTTP/1.1\r\n\r\n"),
         "HTTP/1.0 405 Method Not Allowed",
     );
-    push_and_check(&fed, &playing, i);
+    push_and_check(&mut h, &playing, i);
     i += 1;
 
     // A head larger than max-header-size, complete or not.
@@ -659,7 +659,7 @@ fn http_bad_requests_refused_while_a_client_plays() {
     assert_refused(&request(port, &long), "HTTP/1.0 400 Bad Request");
     long.extend_from_slice(b"\r\n\r\n");
     assert_refused(&request(port, &long), "HTTP/1.0 400 Bad Request");
-    push_and_check(&fed, &playing, i);
+    push_and_check(&mut h, &playing, i);
     i += 1;
     // Far larger than the element reads at once: the 400 still arrives. (The
     // element closes with the rest unread, so the kernel may follow it with a
@@ -676,7 +676,7 @@ fn http_bad_requests_refused_while_a_client_plays() {
         Some(got.len()),
         "{text:?}"
     );
-    push_and_check(&fed, &playing, i);
+    push_and_check(&mut h, &playing, i);
     i += 1;
 
     // Silent clients get 408 after header-timeout; the stream flows meanwhile.
@@ -695,7 +695,7 @@ fn http_bad_requests_refused_while_a_client_plays() {
         == 0
     {
         assert!(started.elapsed() < DEADLINE, "no 408 in time");
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
         pushed_while_waiting += 1;
     }
@@ -709,10 +709,10 @@ fn http_bad_requests_refused_while_a_client_plays() {
     assert!(waited < Duration::from_secs(3), "408 only after {waited:?}");
     assert!(pushed_while_waiting > 0);
 
-    push_and_check(&fed, &playing, i);
-    assert_eq!(handles(&fed.sink), 1);
+    push_and_check(&mut h, &playing, i);
+    assert_eq!(handles(&h.sink()), 1);
     wait_no_close_wait(port);
-    fed.stop();
+    h.stop();
 }
 
 /// Content-Type comes from the caps that real muxers produce; the body starts
@@ -1046,12 +1046,12 @@ fn raw_connection_flood_with_io_threads() {
 }
 
 fn raw_connection_flood(io_threads: &str) {
-    let (fed, port) = server(&[("io-threads", io_threads)]);
-    let rec = Recorder::attach(&fed.sink);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[("io-threads", io_threads)]);
+    let rec = Recorder::attach(&h.sink());
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let playing = connect(port);
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let mut want = b"<h>".to_vec();
     want.extend(b16(0));
     assert_eq!(read_exact(&playing, want.len()), want);
@@ -1060,16 +1060,16 @@ fn raw_connection_flood(io_threads: &str) {
         for _ in 0..20 {
             drop(connect(port));
         }
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
     }
     rec.wait_for("200 flood clients added and removed", |e| {
         count(e, true) == 201 && count(e, false) == 200
     });
-    wait_handles(&fed.sink, 1);
+    wait_handles(&h.sink(), 1);
     wait_no_close_wait(port);
-    push_and_check(&fed, &playing, i);
-    fed.stop();
+    push_and_check(&mut h, &playing, i);
+    h.stop();
     assert!(read_to_eof(&playing).is_empty());
 }
 
@@ -1077,11 +1077,11 @@ fn raw_connection_flood(io_threads: &str) {
 /// close, or send garbage; none is left open, the playing client gets every byte.
 #[test]
 fn http_connection_flood_does_not_disturb_a_playing_client() {
-    let (fed, port) = server(&[("http", "true")]);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[("http", "true")]);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let playing = get(port, "/");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let (head, rest) = read_head(&playing);
     assert_stream_head(&head, "application/octet-stream");
     let mut want = b"<h>".to_vec();
@@ -1102,26 +1102,26 @@ fn http_connection_flood_does_not_disturb_a_playing_client() {
             }
             drop(s);
         }
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
     }
     // Whole requests became clients for a moment; they all go.
-    wait_handles(&fed.sink, 1);
+    wait_handles(&h.sink(), 1);
     wait_no_close_wait(port);
-    push_and_check(&fed, &playing, i);
-    assert_eq!(handles(&fed.sink), 1);
-    fed.stop();
+    push_and_check(&mut h, &playing, i);
+    assert_eq!(handles(&h.sink()), 1);
+    h.stop();
 }
 
 /// Connections that send part of a request (or nothing) and wait: the stream flows
 /// past them; stopping the element closes them all.
 #[test]
 fn half_open_connections_do_not_disturb_a_playing_client() {
-    let (fed, port) = server(&[("http", "true")]);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[("http", "true")]);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let playing = get(port, "/");
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
     let (head, rest) = read_head(&playing);
     assert_stream_head(&head, "application/octet-stream");
     let mut want = b"<h>".to_vec();
@@ -1136,7 +1136,7 @@ fn half_open_connections_do_not_disturb_a_playing_client() {
             _ => request(port, b"G"),
         });
         if k % 10 == 9 {
-            push_and_check(&fed, &playing, i);
+            push_and_check(&mut h, &playing, i);
             i += 1;
         }
     }
@@ -1145,14 +1145,14 @@ fn half_open_connections_do_not_disturb_a_playing_client() {
         wait_server_read_all(port, s);
     }
     for _ in 0..5 {
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
     }
-    assert_eq!(handles(&fed.sink), 1);
+    assert_eq!(handles(&h.sink()), 1);
     for s in &half_open {
         assert_nothing_readable(s);
     }
-    fed.stop();
+    h.stop();
     for s in &half_open {
         assert!(read_to_eof(s).is_empty(), "closed without a response");
     }
@@ -1164,11 +1164,11 @@ fn half_open_connections_do_not_disturb_a_playing_client() {
 #[test]
 fn reset_connections_do_not_disturb_a_playing_client() {
     for http in [false, true] {
-        let (fed, port) = server(&[("http", if http { "true" } else { "false" })]);
-        fed.caps(streamheader_caps(&[b"<h>"]));
+        let (mut h, port) = server(&[("http", if http { "true" } else { "false" })]);
+        h.set_src_caps(streamheader_caps(&[b"<h>"]));
         let playing = if http { get(port, "/") } else { connect(port) };
-        wait_handles(&fed.sink, 1);
-        fed.push(&b16(0), false);
+        wait_handles(&h.sink(), 1);
+        h.push_bytes(&b16(0), false);
         let rest = if http {
             let (head, rest) = read_head(&playing);
             assert_stream_head(&head, "application/octet-stream");
@@ -1184,27 +1184,27 @@ fn reset_connections_do_not_disturb_a_playing_client() {
         for _ in 0..50 {
             reset(connect(port));
         }
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
         // After a partial request.
         for _ in 0..10 {
             reset(request(port, b"GET / HT"));
         }
-        push_and_check(&fed, &playing, i);
+        push_and_check(&mut h, &playing, i);
         i += 1;
         // While streaming.
         let joined = if http { get(port, "/") } else { connect(port) };
-        wait_handles(&fed.sink, 2);
-        push_and_check(&fed, &playing, i);
+        wait_handles(&h.sink(), 2);
+        push_and_check(&mut h, &playing, i);
         i += 1;
         reset(joined);
         for _ in 0..3 {
-            push_and_check(&fed, &playing, i);
+            push_and_check(&mut h, &playing, i);
             i += 1;
         }
-        wait_handles(&fed.sink, 1);
-        push_and_check(&fed, &playing, i);
-        fed.stop();
+        wait_handles(&h.sink(), 1);
+        push_and_check(&mut h, &playing, i);
+        h.stop();
         assert!(read_to_eof(&playing).is_empty(), "http={http}");
     }
 }
@@ -1214,12 +1214,12 @@ fn reset_connections_do_not_disturb_a_playing_client() {
 /// closes every connected client after its data.
 #[test]
 fn clients_leaving_and_stop_close_accepted_sockets() {
-    let (fed, port) = server(&[]);
-    let rec = Recorder::attach(&fed.sink);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[]);
+    let rec = Recorder::attach(&h.sink());
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     let clients: Vec<TcpStream> = (0..4).map(|_| connect(port)).collect();
-    wait_handles(&fed.sink, 4);
-    fed.push(&b16(0), false);
+    wait_handles(&h.sink(), 4);
+    h.push_bytes(&b16(0), false);
     let mut want = b"<h>".to_vec();
     want.extend(b16(0));
     for c in &clients {
@@ -1234,12 +1234,12 @@ fn clients_leaving_and_stop_close_accepted_sockets() {
     );
     // `a` goes away: counted down, its socket closed by the element.
     drop(a);
-    wait_handles(&fed.sink, 3);
+    wait_handles(&h.sink(), 3);
     wait_no_close_wait(port);
     // `b` half-closes: the element sees the end of its input, removes it and
     // closes the socket, so `b` reads EOF.
     b.shutdown(std::net::Shutdown::Write).unwrap();
-    wait_handles(&fed.sink, 2);
+    wait_handles(&h.sink(), 2);
     assert!(read_to_eof(&b).is_empty());
     rec.wait_for("two removed as closed", |e| {
         e.iter()
@@ -1248,13 +1248,13 @@ fn clients_leaving_and_stop_close_accepted_sockets() {
             == 2
     });
     // The others get everything, then EOF when the element stops.
-    fed.push(&b16(1), true);
-    fed.push(&b16(2), true);
+    h.push_bytes(&b16(1), true);
+    h.push_bytes(&b16(2), true);
     let mut want = b16(1);
     want.extend(b16(2));
-    fed.wait_u64("bytes-served", (4 * 19 + 2 * 32) as u64);
-    let sink = fed.sink.clone();
-    fed.stop();
+    h.wait_u64("bytes-served", (4 * 19 + 2 * 32) as u64);
+    let sink = h.sink();
+    h.stop();
     assert_eq!(sink.property::<i32>("current-port"), 0);
     for s in [&c, &d] {
         assert_eq!(read_to_eof(s), want);
@@ -1274,18 +1274,18 @@ fn clients_leaving_and_stop_close_accepted_sockets() {
 /// connection.
 #[test]
 fn sync_method_and_burst_set_while_running_apply_to_new_connections() {
-    let (fed, port) = server(&[]);
-    fed.caps(streamheader_caps(&[b"<h>"]));
+    let (mut h, port) = server(&[]);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
     // next-keyframe: a client waits for the next keyframe.
-    fed.sink
+    h.sink()
         .set_property_from_str("sync-method", "next-keyframe");
-    fed.push(&b16(0), false);
-    fed.push(&b16(1), true);
+    h.push_bytes(&b16(0), false);
+    h.push_bytes(&b16(1), true);
     let next_kf = connect(port);
-    wait_handles(&fed.sink, 1);
-    fed.push(&b16(2), true);
-    fed.push(&b16(3), false);
-    fed.push(&b16(4), true);
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(2), true);
+    h.push_bytes(&b16(3), false);
+    h.push_bytes(&b16(4), true);
     let mut want = b"<h>".to_vec();
     want.extend(b16(3));
     want.extend(b16(4));
@@ -1295,12 +1295,12 @@ fn sync_method_and_burst_set_while_running_apply_to_new_connections() {
         "a connection accepted after sync-method=next-keyframe was set"
     );
     // burst of 2 buffers: the client gets the last two at once.
-    fed.sink.set_property_from_str("sync-method", "burst");
-    fed.sink.set_property_from_str("burst-format", "buffers");
-    fed.sink.set_property("burst-value", 2u64);
+    h.sink().set_property_from_str("sync-method", "burst");
+    h.sink().set_property_from_str("burst-format", "buffers");
+    h.sink().set_property("burst-value", 2u64);
     let burst = connect(port);
-    wait_handles(&fed.sink, 2);
-    fed.push(&b16(5), true);
+    wait_handles(&h.sink(), 2);
+    h.push_bytes(&b16(5), true);
     let mut want = b"<h>".to_vec();
     want.extend(b16(4));
     want.extend(b16(5));
@@ -1309,7 +1309,7 @@ fn sync_method_and_burst_set_while_running_apply_to_new_connections() {
         want,
         "a connection accepted after sync-method=burst burst-value=2 was set"
     );
-    fed.stop();
+    h.stop();
 }
 
 #[test]
@@ -1348,7 +1348,7 @@ fn ipv6_loopback_raw_and_http() {
         return;
     }
     for http in [false, true] {
-        let fed = Fed::new(
+        let mut h = harness(
             "rstcpserversink",
             &[
                 ("host", "::1"),
@@ -1356,8 +1356,8 @@ fn ipv6_loopback_raw_and_http() {
                 ("http", if http { "true" } else { "false" }),
             ],
         );
-        let port = current_port(&fed.sink);
-        fed.caps(webm_caps(&[b"<ebml>"]));
+        let port = current_port(&h.sink());
+        h.set_src_caps(webm_caps(&[b"<ebml>"]));
         let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
         let mut client = TcpStream::connect(addr).unwrap();
         assert!(client.local_addr().unwrap().is_ipv6());
@@ -1366,9 +1366,9 @@ fn ipv6_loopback_raw_and_http() {
                 .write_all(b"GET / HTTP/1.1\r\nHost: [::1]\r\n\r\n")
                 .unwrap();
         }
-        wait_handles(&fed.sink, 1);
-        fed.push(&b16(0), false);
-        fed.push(&b16(1), true);
+        wait_handles(&h.sink(), 1);
+        h.push_bytes(&b16(0), false);
+        h.push_bytes(&b16(1), true);
         let rest = if http {
             let (head, rest) = read_head(&client);
             assert_stream_head(&head, "video/webm");
@@ -1380,7 +1380,7 @@ fn ipv6_loopback_raw_and_http() {
         want.extend(b16(0));
         want.extend(b16(1));
         assert_eq!(read_more(&client, rest, want.len()), want, "http={http}");
-        fed.stop();
+        h.stop();
         assert!(read_to_eof(&client).is_empty());
     }
 }

@@ -17,10 +17,10 @@ use gst::prelude::*;
 /// `client-removed` and closes the fd in `client-fd-removed`.
 #[test]
 fn flumotion_style_streamer_over_tcp() {
-    let fed = Fed::new("rsmultifdsink", &[("bytes-min", "1000")]);
-    fed.caps(streamheader_caps(&[b"<header>"]));
+    let mut h = harness("rsmultifdsink", &[("bytes-min", "1000")]);
+    h.set_src_caps(streamheader_caps(&[b"<header>"]));
     for i in 0..20 {
-        fed.push(&b16(i), i % 5 != 0);
+        h.push_bytes(&b16(i), i % 5 != 0);
     }
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -30,7 +30,7 @@ fn flumotion_style_streamer_over_tcp() {
     let closed_by_app = Arc::new(Mutex::new(Vec::new()));
     {
         let stats = stats.clone();
-        fed.sink.connect("client-removed", false, move |args| {
+        h.sink().connect("client-removed", false, move |args| {
             let sink = args[0].get::<gst::Element>().unwrap();
             let fd = args[1].get::<i32>().unwrap();
             let s = sink.emit_by_name::<gst::Structure>("get-stats", &[&fd]);
@@ -42,7 +42,7 @@ fn flumotion_style_streamer_over_tcp() {
         });
         let open = open.clone();
         let closed = closed_by_app.clone();
-        fed.sink.connect("client-fd-removed", false, move |args| {
+        h.sink().connect("client-fd-removed", false, move |args| {
             let fd = args[1].get::<i32>().unwrap();
             drop(
                 open.lock()
@@ -54,7 +54,7 @@ fn flumotion_style_streamer_over_tcp() {
             None
         });
     }
-    let rec = Recorder::attach(&fed.sink);
+    let rec = Recorder::attach(&h.sink());
 
     const RESPONSE: &[u8] = b"HTTP/1.0 200 OK\r\nContent-Type: application/x-gst-check\r\n\r\n";
     let mut viewers = Vec::new();
@@ -73,14 +73,14 @@ fn flumotion_style_streamer_over_tcp() {
         open.lock()
             .unwrap()
             .insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
-        let sync = gst::glib::EnumValue::from_value(&fed.sink.property_value("sync-method"))
+        let sync = gst::glib::EnumValue::from_value(&h.sink().property_value("sync-method"))
             .unwrap()
             .0;
         let burst_sync = gst::glib::EnumClass::with_type(sync.type_())
             .unwrap()
             .to_value_by_nick("burst")
             .unwrap();
-        fed.sink.emit_by_name_with_values(
+        h.sink().emit_by_name_with_values(
             "add-full",
             &[
                 fd.to_value(),
@@ -94,7 +94,7 @@ fn flumotion_style_streamer_over_tcp() {
         viewers.push(viewer);
         fds.push(fd);
     }
-    fed.push(&b16(20), true);
+    h.push_bytes(&b16(20), true);
     // Each viewer: the app's headers first, then the streamheader, then a burst of
     // three buffers, nothing interleaved.
     let mut want = RESPONSE.to_vec();
@@ -115,11 +115,11 @@ fn flumotion_style_streamer_over_tcp() {
     assert_eq!(sent, (want.len() - RESPONSE.len()) as u64);
     assert_eq!(closed_by_app.lock().unwrap().as_slice(), &[gone]);
     // The others go on.
-    fed.push(&b16(21), true);
+    h.push_bytes(&b16(21), true);
     for v in &viewers {
         assert_eq!(read_exact(v, 16), b16(21));
     }
-    fed.stop();
+    h.stop();
     assert_eq!(
         closed_by_app.lock().unwrap().len(),
         3,

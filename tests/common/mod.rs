@@ -1,5 +1,6 @@
-//! Helpers shared by the element tests: a sink fed from a test pad, pipes, exact
-//! reads with deadlines and a recorder of the element's signals.
+//! Helpers shared by the element tests: a sink fed through gstreamer-check's
+//! harness, pipes, exact reads with deadlines and a recorder of the element's
+//! signals.
 #![allow(dead_code)]
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -7,6 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
+pub use gst_check::Harness;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -19,66 +21,44 @@ pub fn init() {
     });
 }
 
-/// A sink in PLAYING fed by a src pad of the test's own, like GStreamer's check suite.
-pub struct Fed {
-    pub sink: gst::Element,
-    pub src: gst::Pad,
+/// The caps of the check suite's data.
+pub const CHECK_CAPS: &str = "application/x-gst-check";
+
+/// `factory` with `props` set, in PLAYING behind gstreamer-check's harness: its src
+/// pad feeds the sink pad, stream-start is sent, and (as for every sink it harnesses)
+/// `sync` and `async` are off.
+pub fn harness(factory: &str, props: &[(&str, &str)]) -> Harness {
+    init();
+    let sink = gst::ElementFactory::make(factory).build().unwrap();
+    // Before PLAYING: some properties (io-threads) only change in NULL.
+    for (k, v) in props {
+        sink.set_property_from_str(k, v);
+    }
+    Harness::with_element(&sink, Some("sink"), None)
 }
 
-impl Fed {
-    pub fn new(factory: &str, props: &[(&str, &str)]) -> Fed {
-        init();
-        let sink = gst::ElementFactory::make(factory).build().unwrap();
-        sink.set_property("sync", false);
-        for (k, v) in props {
-            sink.set_property_from_str(k, v);
-        }
-        let src = gst::Pad::builder(gst::PadDirection::Src)
-            .name("src")
-            .build();
-        src.set_active(true).unwrap();
-        src.link(&sink.static_pad("sink").unwrap()).unwrap();
-        sink.set_state(gst::State::Playing).unwrap();
-        src.push_event(gst::event::StreamStart::new("test"));
-        Fed { sink, src }
+/// What the tests do with a harnessed multi-handle sink besides pushing.
+pub trait SinkHarness {
+    fn sink(&self) -> gst::Element;
+    /// Pushes a buffer that must be accepted.
+    fn push_ok(&mut self, buffer: gst::Buffer);
+    fn push_bytes(&mut self, data: &[u8], delta: bool) {
+        self.push_ok(buffer(data, delta, false));
     }
-
-    pub fn caps(&self, caps: gst::Caps) {
-        assert!(self.src.push_event(gst::event::Caps::new(&caps)));
-        let segment = gst::FormattedSegment::<gst::format::Bytes>::new();
-        assert!(self.src.push_event(gst::event::Segment::new(&segment)));
+    fn add_fd(&self, fd: RawFd) {
+        self.sink().emit_by_name::<()>("add", &[&fd]);
     }
-
-    pub fn plain_caps(&self) {
-        self.caps(gst::Caps::builder("application/x-gst-check").build());
+    fn remove_fd(&self, fd: RawFd) {
+        self.sink().emit_by_name::<()>("remove", &[&fd]);
     }
-
-    pub fn push(&self, data: &[u8], delta: bool) {
-        self.push_buffer(buffer(data, delta, false));
+    fn u64(&self, name: &str) -> u64 {
+        self.sink().property::<u64>(name)
     }
-
-    pub fn push_buffer(&self, buffer: gst::Buffer) {
-        assert_eq!(self.src.push(buffer), Ok(gst::FlowSuccess::Ok));
+    fn u32(&self, name: &str) -> u32 {
+        self.sink().property::<u32>(name)
     }
-
-    pub fn add(&self, fd: RawFd) {
-        self.sink.emit_by_name::<()>("add", &[&fd]);
-    }
-
-    pub fn remove(&self, fd: RawFd) {
-        self.sink.emit_by_name::<()>("remove", &[&fd]);
-    }
-
-    pub fn u64(&self, name: &str) -> u64 {
-        self.sink.property::<u64>(name)
-    }
-
-    pub fn u32(&self, name: &str) -> u32 {
-        self.sink.property::<u32>(name)
-    }
-
     /// Waits until the u64 property reaches `value`.
-    pub fn wait_u64(&self, name: &str, value: u64) {
+    fn wait_u64(&self, name: &str, value: u64) {
         let start = Instant::now();
         while self.u64(name) != value {
             assert!(
@@ -89,9 +69,23 @@ impl Fed {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
+    /// Sets the sink to NULL now: dropping the harness would too, but the tests
+    /// check what NULL did while they still hold it and their fds.
+    fn stop(self)
+    where
+        Self: Sized,
+    {
+        self.sink().set_state(gst::State::Null).unwrap();
+    }
+}
 
-    pub fn stop(self) {
-        self.sink.set_state(gst::State::Null).unwrap();
+impl SinkHarness for Harness {
+    fn sink(&self) -> gst::Element {
+        self.element().unwrap()
+    }
+
+    fn push_ok(&mut self, buffer: gst::Buffer) {
+        assert_eq!(self.push(buffer), Ok(gst::FlowSuccess::Ok));
     }
 }
 
@@ -116,7 +110,7 @@ pub fn streamheader_caps(headers: &[&[u8]]) -> gst::Caps {
             .iter()
             .map(|h| buffer(h, false, true).to_send_value()),
     );
-    gst::Caps::builder("application/x-gst-check")
+    gst::Caps::builder(CHECK_CAPS)
         .field("streamheader", array)
         .build()
 }
