@@ -66,7 +66,8 @@ fn check_no_error(server: &gst::Pipeline, recipe: &str) {
 }
 
 /// Fetches the stream over HTTP: the response head and `want` bytes of body.
-fn fetch(server: &gst::Pipeline, recipe: &str, port: u16, want: usize) -> (String, Vec<u8>) {
+/// `check` runs while waiting and fails the test if the server failed.
+fn fetch(recipe: &str, port: u16, want: usize, mut check: impl FnMut()) -> (String, Vec<u8>) {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -86,7 +87,7 @@ fn fetch(server: &gst::Pipeline, recipe: &str, port: u16, want: usize) -> (Strin
             start.elapsed() < Duration::from_secs(20),
             "{recipe}: stream too slow"
         );
-        check_no_error(server, recipe);
+        check();
         let n = match conn.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -138,7 +139,7 @@ fn readme_http_recipes_play() {
         } else {
             60_000
         };
-        let (head, body) = fetch(&server, &recipe, port, want);
+        let (head, body) = fetch(&recipe, port, want, || check_no_error(&server, &recipe));
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{recipe}: {head}");
         assert!(
             head.contains(&format!("Content-Type: {content_type}")),
@@ -191,4 +192,57 @@ fn readme_raw_tcp_recipe_plays_to_its_receiver() {
     }
     client.set_state(gst::State::Null).unwrap();
     server.set_state(gst::State::Null).unwrap();
+}
+
+/// The README's demo command (`scripts/demo`, which the set-up makes work on a fresh
+/// machine) serves a WebM stream that decodes. Run as the README runs it, with a
+/// free port in `PORT`.
+#[test]
+fn demo_script_serves_a_stream_that_decodes() {
+    common::init();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo");
+    let mut demo = std::process::Command::new(script)
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("scripts/demo runs");
+    // The script builds the plugin first: wait until it listens (or fails).
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = demo.try_wait().unwrap() {
+            let mut err = String::new();
+            demo.stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("scripts/demo exited with {status}: {err}");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "scripts/demo never listened on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (head, body) = fetch("scripts/demo", port, 60_000, || {
+        assert!(demo_running(&mut demo), "scripts/demo died while serving");
+    });
+    demo.kill().unwrap();
+    demo.wait().unwrap();
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    assert!(head.contains("Content-Type: video/webm"), "{head}");
+    assert!(
+        decode(&body, "matroskademux ! vp8dec") > 0,
+        "the demo's stream does not decode"
+    );
+}
+
+fn demo_running(demo: &mut std::process::Child) -> bool {
+    demo.try_wait().unwrap().is_none()
 }
