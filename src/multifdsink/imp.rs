@@ -210,8 +210,10 @@ impl RsMultiFdSink {
                     imp = self,
                     "cannot add fd {fd}: element must be in READY, PAUSED or PLAYING"
                 );
+                // GLib's default domain, as C's g_warning in the tcp plugin: where
+                // applications' and gst-check's handlers listen.
                 glib::g_warning!(
-                    "rsmultifdsink",
+                    None,
                     "{}: element must be set to READY, PAUSED or PLAYING before clients can be added (fd {})",
                     obj.name(),
                     fd
