@@ -2041,7 +2041,11 @@ pub fn run(opts: &Options) -> Report {
                 level,
                 glib::LogLevel::Error | glib::LogLevel::Critical | glib::LogLevel::Warning
             );
-            if domain == Some("rsmultifdsink") && level == glib::LogLevel::Warning {
+            // The element warns of a refused add in GLib's default domain, as C does.
+            if domain.is_none()
+                && level == glib::LogLevel::Warning
+                && msg.contains("before clients can be added")
+            {
                 Ctx::inc(&ctx.n.element_warnings);
             } else if serious {
                 Ctx::inc(&ctx.n.other_glib);
