@@ -16,7 +16,8 @@ use nix::sys::socket::{
     sockopt,
 };
 
-use crate::engine::core::{LogLevel, Shared, log};
+use crate::engine::shard::Shared;
+use crate::engine::types::{LogLevel, log};
 use crate::engine::{AUX_TOKEN, AddOutcome, Aux, ClientConfig};
 use crate::http::{self, Method, Parsed};
 

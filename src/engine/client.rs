@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{ClientConfig, ClientStatus, Payload, Streamheader};
+use super::types::{ClientConfig, ClientStatus, Payload, Streamheader};
 
 pub(crate) type ClientId = u64;
 

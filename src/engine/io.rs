@@ -10,7 +10,8 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::core::{AUX_TOKEN, LogLevel, Shared, WAKER_TOKEN, log};
+use super::shard::{AUX_TOKEN, Shared, WAKER_TOKEN};
+use super::types::{LogLevel, log};
 
 /// Clients written per lock hold: the streaming thread waits at most this long.
 const CLIENTS_PER_LOCK: usize = 64;

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Amount, Chunk, Streamheader, Unit};
+use super::types::{Amount, Chunk, Streamheader, Unit};
 
 pub(crate) struct Entry {
     pub chunk: Chunk,

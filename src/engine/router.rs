@@ -6,8 +6,12 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use super::core::{AddOutcome, Aux, ClientSink, Counters, Listener, LogLevel, Settings, Shard};
-use super::{Chunk, ClientConfig, ClientStats, ClientStatus, Fd, Payload};
+use super::client::ClientStats;
+use super::shard::{Aux, ClientSink, Shard};
+use super::types::{
+    AddOutcome, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, LogLevel, Payload,
+    Settings,
+};
 
 /// Which shard holds each fd, and how many each holds; shared with the shards'
 /// listeners, which drop an fd from it before `client-fd-removed`, so the app may
