@@ -95,8 +95,9 @@ pub struct ClientStats {
     pub last_buffer_ts: Option<u64>,
 }
 
-/// Bytes the client must send before its next queued buffer.
-pub(crate) struct Pending {
+/// Bytes the client must send before its next queued buffer: a streamheader buffer,
+/// or the rest of a buffer written in part.
+pub(crate) struct Unsent {
     pub data: Payload,
     pub offset: usize,
 }
@@ -115,7 +116,7 @@ pub(crate) struct Client {
     /// Whether `pos` is counted in the queue's references.
     pub positioned: bool,
     /// Streamheaders and the rest of a partially written buffer, sent before `pos`.
-    pub outbox: VecDeque<Pending>,
+    pub outbox: VecDeque<Unsent>,
     /// The streamheader generation this client was last given.
     pub streamheader: Option<Streamheader>,
     pub had_streamheader: bool,

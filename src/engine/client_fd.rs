@@ -11,6 +11,8 @@ use nix::sys::socket::{MsgFlags, sendmsg, setsockopt, sockopt};
 use nix::sys::stat::{SFlag, fstat};
 
 use super::client::{Client, ClientId, FdKind, Watch};
+use super::token::Token;
+use super::types::ClientStatus;
 
 /// Classifies the fd, makes it non-blocking and watches it. Errors make the client
 /// broken, to be removed by the IO thread.
@@ -52,7 +54,8 @@ pub(super) fn open_client_fd(
     // EPOLLOUT is only watched while the client is blocked (see `watch_writable`):
     // a caught-up client would otherwise wake the IO thread every time its peer
     // reads.
-    match epoll.add(bfd, EpollEvent::new(base_events(handle_read), id)) {
+    let token = Token::Client(id).to_epoll();
+    match epoll.add(bfd, EpollEvent::new(base_events(handle_read), token)) {
         Ok(()) => (kind, Watch::Epoll),
         // Regular files and block devices cannot be polled: always writable.
         Err(Errno::EPERM) => (kind, Watch::AlwaysWritable),
@@ -81,7 +84,8 @@ pub(super) fn watch_writable(epoll: &Epoll, c: &Client, on: bool) {
     }
     // SAFETY: the app keeps the fd open until client-fd-removed.
     let bfd = unsafe { BorrowedFd::borrow_raw(c.fd) };
-    let _ = epoll.modify(bfd, &mut EpollEvent::new(events, c.id));
+    let token = Token::Client(c.id).to_epoll();
+    let _ = epoll.modify(bfd, &mut EpollEvent::new(events, token));
 }
 
 pub(super) fn apply_dscp(fd: RawFd, dscp: Option<u8>) {
@@ -112,5 +116,22 @@ pub(super) fn write_iov(fd: RawFd, kind: FdKind, iov: &[IoSlice<'_>]) -> nix::Re
             r => r,
         },
         FdKind::Stream => nix::sys::uio::writev(bfd, iov),
+    }
+}
+
+/// Reads and drops what the client sent, into `scratch`. Some(status) when it is gone.
+pub(super) fn discard_input(fd: RawFd, scratch: &mut [u8]) -> Option<ClientStatus> {
+    // SAFETY: the app keeps the fd open until client-fd-removed.
+    let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+    loop {
+        match nix::unistd::read(bfd, scratch) {
+            Ok(0) => return Some(ClientStatus::Closed),
+            Ok(_) => continue,
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return None,
+            // Write-only fds (a pipe's write end) cannot be read: nothing to discard.
+            Err(Errno::EBADF) | Err(Errno::EINVAL) => return None,
+            Err(_) => return Some(ClientStatus::Error),
+        }
     }
 }

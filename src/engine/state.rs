@@ -1,25 +1,26 @@
-//! A shard's state under its one lock: the queue, the clients and the lists that
+//! A worker's state under its one lock: the queue, the clients and the lists that
 //! say which clients need the IO thread, with every rule that moves clients through
 //! the stream.
 
-use std::io::IoSlice;
+use std::collections::VecDeque;
 use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
-use nix::sys::epoll::EpollFlags;
+use nix::sys::epoll::{Epoll, EpollFlags};
 
-use super::client::{Client, ClientId, IdMap, Pending, Phase, Watch};
-use super::client_fd::{watch_writable, write_iov};
-use super::queue::{BufferQueue, same_streamheader};
-use super::rules::start_position;
-use super::shard::Shared;
-use super::types::{
-    Amount, Chunk, ClientStatus, LogLevel, RecoverPolicy, Settings, Streamheader, Unit, log,
-};
-use super::write::{IoVec, MAX_IOV, TURN_BUDGET, Turn, consume};
+use super::client::{Client, ClientId, IdMap, Phase, Watch};
+use super::client_fd::{discard_input, watch_writable};
+use super::queue::BufferQueue;
+use super::rules::{keep_from, limit_boundaries, recover_position, start_position};
+use super::types::{Chunk, ClientStatus, Listener, Settings, Streamheader, log};
+use super::write::{Turn, write_turn};
 
-pub(crate) struct State {
+/// A worker's queue and clients, under its one lock, with the rules that move its
+/// clients through the stream. Everything here runs with the lock held: nothing
+/// blocks, and only `Listener::log` is called out.
+pub(super) struct WorkerState {
     pub(super) settings: Settings,
     pub(super) queue: BufferQueue,
     pub(super) streamheader: Option<Streamheader>,
@@ -29,20 +30,49 @@ pub(crate) struct State {
     pub(super) live: usize,
     pub(super) next_id: ClientId,
     /// Lists may hold stale ids; a client's phase says whether it belongs.
-    pub(super) ready: std::collections::VecDeque<ClientId>,
+    pub(super) ready: VecDeque<ClientId>,
     pub(super) idle: Vec<ClientId>,
     pub(super) joining: Vec<ClientId>,
     /// Removed by the streaming side or the IO thread; the IO thread emits signals.
-    pub(super) removed: Vec<(ClientId, RawFd, ClientStatus)>,
+    pub(super) removed: Vec<Removal>,
     pub(super) running: bool,
     pub(super) bytes_to_serve: u64,
     pub(super) bytes_served: u64,
     pub(super) scratch: Vec<u8>,
     /// The IO thread's clock reading for the batch it is writing.
     pub(super) now: Instant,
+    /// The worker's epoll: removed clients leave it, blocked ones are re-armed.
+    pub(super) epoll: Arc<Epoll>,
+    pub(super) listener: Arc<dyn Listener>,
 }
 
-impl State {
+/// A client marked removed whose signals are still to be emitted: id, fd, status.
+pub(super) type Removal = (ClientId, RawFd, ClientStatus);
+
+impl WorkerState {
+    pub(super) fn new(epoll: Arc<Epoll>, listener: Arc<dyn Listener>) -> WorkerState {
+        WorkerState {
+            settings: Settings::default(),
+            queue: BufferQueue::default(),
+            streamheader: None,
+            clients: IdMap::default(),
+            by_fd: IdMap::default(),
+            live: 0,
+            next_id: 1,
+            ready: VecDeque::new(),
+            idle: Vec::new(),
+            joining: Vec::new(),
+            removed: Vec::new(),
+            running: false,
+            bytes_to_serve: 0,
+            bytes_served: 0,
+            scratch: vec![0; 4096],
+            now: Instant::now(),
+            epoll,
+            listener,
+        }
+    }
+
     pub(super) fn repeats_streamheader(&self, chunk: &Chunk) -> bool {
         let bytes = (*chunk.data).as_ref();
         self.streamheader
@@ -50,7 +80,7 @@ impl State {
             .is_some_and(|sh| sh.iter().any(|h| (**h).as_ref() == bytes))
     }
 
-    pub(super) fn push(&mut self, chunk: Chunk, shared: &Shared) {
+    pub(super) fn push(&mut self, chunk: Chunk) {
         self.bytes_to_serve += chunk.len() as u64;
         let seq = self.queue.push(chunk, self.streamheader.clone());
         for id in std::mem::take(&mut self.idle) {
@@ -59,12 +89,12 @@ impl State {
                 self.ready.push_back(id);
             }
         }
-        self.place_joining(seq, shared);
-        self.enforce_limits(shared);
+        self.place_joining(seq);
+        self.enforce_limits();
     }
 
     /// Gives clients that wait to join a start position, now that buffer `seq` is in.
-    fn place_joining(&mut self, seq: u64, shared: &Shared) {
+    fn place_joining(&mut self, seq: u64) {
         if self.joining.is_empty() {
             return;
         }
@@ -76,7 +106,7 @@ impl State {
             match start_position(&self.queue, &c.config, seq) {
                 Some(pos) => {
                     log!(
-                        shared.listener,
+                        self.listener,
                         Debug,
                         "client fd {}: starts at buffer {} ({} queued after it)",
                         c.fd,
@@ -98,15 +128,8 @@ impl State {
 
     /// Removes clients past `units-max`, recovers clients past `units-soft-max`, then
     /// drops the buffers nobody needs.
-    pub(super) fn enforce_limits(&mut self, shared: &Shared) {
-        let hard = self.settings.units_max.map(|a| self.queue.oldest_within(a));
-        let soft = match self.settings.recover_policy {
-            RecoverPolicy::None => None,
-            _ => self
-                .settings
-                .units_soft_max
-                .map(|a| self.queue.oldest_within(a)),
-        };
+    pub(super) fn enforce_limits(&mut self) {
+        let (hard, soft) = limit_boundaries(&self.queue, &self.settings);
         let boundary = match (hard, soft) {
             (Some(h), Some(s)) => Some(h.max(s)),
             (h, s) => h.or(s),
@@ -127,88 +150,44 @@ impl State {
                 if hard.is_some_and(|h| pos < h) {
                     let fd = self.clients[&id].fd;
                     log!(
-                        shared.listener,
+                        self.listener,
                         Info,
                         "client fd {fd}: too slow ({} buffers behind), removing",
                         self.queue.next_seq() - pos
                     );
-                    if let Some(r) = self.mark_removed(id, ClientStatus::Slow, shared) {
-                        self.removed.push(r);
-                    }
+                    self.evict(id, ClientStatus::Slow);
                 } else if let Some(s) = soft.filter(|s| pos < *s) {
-                    self.recover(id, s, shared);
+                    self.recover(id, s);
                 }
             }
         }
-        self.trim();
+        let keep = keep_from(&mut self.queue, &self.settings);
+        self.queue.trim_before(keep);
     }
 
-    fn recover(&mut self, id: ClientId, soft_boundary: u64, shared: &Shared) {
-        let next = self.queue.next_seq();
-        let old = self.clients[&id].pos;
-        let new = match self.settings.recover_policy {
-            RecoverPolicy::None => return,
-            RecoverPolicy::Latest => next,
-            RecoverPolicy::SoftLimit => soft_boundary,
-            // The oldest keyframe within the soft limit.
-            RecoverPolicy::Keyframe => self
-                .queue
-                .keyframe_at_or_after(soft_boundary)
-                .unwrap_or(next),
+    fn recover(&mut self, id: ClientId, soft_boundary: u64) {
+        let policy = self.settings.recover_policy;
+        let Some(new) = recover_position(&self.queue, policy, soft_boundary) else {
+            return;
         };
+        let old = self.clients[&id].pos;
         self.queue.drop_ref(old);
         self.queue.add_ref(new);
         let c = self.clients.get_mut(&id).unwrap();
         c.pos = new;
         c.buffers_dropped += new - old;
         log!(
-            shared.listener,
+            self.listener,
             Info,
-            "client fd {}: over soft limit, skipped {} buffers ({:?})",
+            "client fd {}: over soft limit, skipped {} buffers ({policy:?})",
             c.fd,
             new - old,
-            self.settings.recover_policy
         );
-    }
-
-    fn trim(&mut self) {
-        let next = self.queue.next_seq();
-        // The newest buffer always stays, as in multifdsink (buffers-queued is 1
-        // with no clients, and a latest-keyframe client can start on it).
-        let mut keep = self
-            .queue
-            .oldest_referenced()
-            .unwrap_or(next)
-            .min(next.saturating_sub(1));
-        let s = &self.settings;
-        let mins = [
-            s.buffers_min.map(|v| Amount::new(Unit::Buffers, v)),
-            s.bytes_min.map(|v| Amount::new(Unit::Bytes, v)),
-            s.time_min.map(|v| Amount::new(Unit::Time, v)),
-        ];
-        for min in mins.into_iter().flatten() {
-            keep = keep.min(
-                self.queue
-                    .seq_holding_at_least(min)
-                    .unwrap_or(self.queue.first_seq()),
-            );
-        }
-        if s.keep_keyframe
-            && let Some(k) = self.queue.newest_keyframe_since(0)
-        {
-            keep = keep.min(k);
-        }
-        self.queue.trim_before(keep);
     }
 
     /// Marks a client removed: no more IO, out of epoll, its position released.
     /// Returns what the caller must emit signals for (None if already removing).
-    pub fn mark_removed(
-        &mut self,
-        id: ClientId,
-        status: ClientStatus,
-        shared: &Shared,
-    ) -> Option<(ClientId, RawFd, ClientStatus)> {
+    pub(super) fn mark_removed(&mut self, id: ClientId, status: ClientStatus) -> Option<Removal> {
         let c = self.clients.get_mut(&id)?;
         if c.phase == Phase::Removing {
             return None;
@@ -226,7 +205,7 @@ impl State {
         c.disconnected_at = Some((Instant::now(), SystemTime::now()));
         if c.watch == Watch::Epoll {
             // SAFETY: the app keeps the fd open until client-fd-removed.
-            let _ = shared.epoll.delete(unsafe { BorrowedFd::borrow_raw(c.fd) });
+            let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(c.fd) });
         }
         let (fd, pos, positioned) = (c.fd, c.pos, c.positioned);
         c.positioned = false;
@@ -237,8 +216,23 @@ impl State {
         Some((id, fd, status))
     }
 
+    /// Marks every client removed (status removed).
+    pub(super) fn mark_all_removed(&mut self) -> Vec<Removal> {
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| self.mark_removed(id, ClientStatus::Removed))
+            .collect()
+    }
+
+    /// Marks a client removed and leaves its signals to the IO thread.
+    fn evict(&mut self, id: ClientId, status: ClientStatus) {
+        if let Some(r) = self.mark_removed(id, status) {
+            self.removed.push(r);
+        }
+    }
+
     /// Drops a removed client for good; its fd number may be added again.
-    pub fn forget(&mut self, id: ClientId) {
+    pub(super) fn forget(&mut self, id: ClientId) {
         if let Some(c) = self.clients.remove(&id)
             && self.by_fd.get(&c.fd) == Some(&id)
         {
@@ -246,16 +240,16 @@ impl State {
         }
     }
 
-    pub fn has_ready(&self) -> bool {
+    pub(super) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
+    pub(super) fn timeout(&self) -> Option<Duration> {
         self.settings.timeout.filter(|_| !self.clients.is_empty())
     }
 
     /// Handles an epoll event for a client.
-    pub fn client_event(&mut self, id: ClientId, flags: EpollFlags, shared: &Shared) {
+    pub(super) fn client_event(&mut self, id: ClientId, flags: EpollFlags) {
         let Some(c) = self.clients.get(&id) else {
             return;
         };
@@ -265,10 +259,10 @@ impl State {
         let fd = c.fd;
         if flags.contains(EpollFlags::EPOLLIN)
             && self.settings.handle_read
-            && let Some(status) = self.discard_input(fd)
+            && let Some(status) = discard_input(fd, &mut self.scratch)
         {
             log!(
-                shared.listener,
+                self.listener,
                 Info,
                 "client fd {fd}: {}",
                 if status == ClientStatus::Closed {
@@ -277,9 +271,7 @@ impl State {
                     "read error"
                 }
             );
-            if let Some(r) = self.mark_removed(id, status, shared) {
-                self.removed.push(r);
-            }
+            self.evict(id, status);
             return;
         }
         if flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
@@ -288,39 +280,22 @@ impl State {
             } else {
                 ClientStatus::Closed
             };
-            log!(shared.listener, Info, "client fd {fd}: hung up ({flags:?})");
-            if let Some(r) = self.mark_removed(id, status, shared) {
-                self.removed.push(r);
-            }
+            log!(self.listener, Info, "client fd {fd}: hung up ({flags:?})");
+            self.evict(id, status);
             return;
         }
         if flags.contains(EpollFlags::EPOLLOUT) {
             let c = self.clients.get_mut(&id).unwrap();
             if c.phase == Phase::Blocked {
                 c.phase = Phase::Ready;
-                watch_writable(&shared.epoll, c, false);
+                watch_writable(&self.epoll, c, false);
                 self.ready.push_back(id);
             }
         }
     }
 
-    /// Reads and drops what the client sent. Some(status) when it is gone.
-    fn discard_input(&mut self, fd: RawFd) -> Option<ClientStatus> {
-        loop {
-            match nix::unistd::read(unsafe { BorrowedFd::borrow_raw(fd) }, &mut self.scratch) {
-                Ok(0) => return Some(ClientStatus::Closed),
-                Ok(_) => continue,
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return None,
-                // Write-only fds (a pipe's write end) cannot be read: nothing to discard.
-                Err(Errno::EBADF) | Err(Errno::EINVAL) => return None,
-                Err(_) => return Some(ClientStatus::Error),
-            }
-        }
-    }
-
     /// Takes the next ready client off the list, if any.
-    pub fn pop_ready(&mut self) -> Option<ClientId> {
+    pub(super) fn pop_ready(&mut self) -> Option<ClientId> {
         while let Some(id) = self.ready.pop_front() {
             if self
                 .clients
@@ -334,9 +309,10 @@ impl State {
     }
 
     /// Writes to one ready client until it is caught up, blocked or out of budget.
-    pub fn serve(&mut self, id: ClientId, shared: &Shared) {
-        let turn = self.write_turn(id);
+    pub(super) fn serve(&mut self, id: ClientId) {
+        let resend = self.settings.resend_streamheader;
         let c = self.clients.get_mut(&id).unwrap();
+        let turn = write_turn(c, &mut self.queue, resend, self.now, &mut self.bytes_served);
         let fd = c.fd;
         match turn {
             Turn::CaughtUp => {
@@ -345,113 +321,28 @@ impl State {
             }
             Turn::Blocked => {
                 c.phase = Phase::Blocked;
-                watch_writable(&shared.epoll, c, true);
+                watch_writable(&self.epoll, c, true);
             }
             Turn::Yield => self.ready.push_back(id),
             Turn::Flushed => {
-                log!(shared.listener, Info, "client fd {fd}: flushed");
-                if let Some(r) = self.mark_removed(id, ClientStatus::Removed, shared) {
-                    self.removed.push(r);
-                }
+                log!(self.listener, Info, "client fd {fd}: flushed");
+                self.evict(id, ClientStatus::Removed);
             }
             Turn::Failed(e) => {
-                log!(shared.listener, Info, "client fd {fd}: write failed: {e}");
+                log!(self.listener, Info, "client fd {fd}: write failed: {e}");
                 // A reset is the peer closing; anything else is an error of the fd.
                 let status = if e == Errno::ECONNRESET {
                     ClientStatus::Closed
                 } else {
                     ClientStatus::Error
                 };
-                if let Some(r) = self.mark_removed(id, status, shared) {
-                    self.removed.push(r);
-                }
-            }
-        }
-    }
-
-    fn write_turn(&mut self, id: ClientId) -> Turn {
-        let resend = self.settings.resend_streamheader;
-        let queue = &mut self.queue;
-        let c = self.clients.get_mut(&id).unwrap();
-        if let Watch::Broken(e) = c.watch {
-            return Turn::Failed(e);
-        }
-        let mut budget = TURN_BUDGET;
-        loop {
-            // Streamheaders of a new caps generation go out before its first buffer.
-            if let Some(entry) = queue.get(c.pos)
-                && !same_streamheader(&entry.streamheader, &c.streamheader)
-            {
-                if let Some(sh) = &entry.streamheader
-                    && (!c.had_streamheader || resend)
-                {
-                    c.outbox.extend(sh.iter().map(|h| Pending {
-                        data: h.clone(),
-                        offset: 0,
-                    }));
-                    c.had_streamheader = true;
-                }
-                c.streamheader = entry.streamheader.clone();
-            }
-            let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
-            let mut iov = IoVec::new();
-            let mut total = 0usize;
-            for p in &c.outbox {
-                let bytes = &(*p.data).as_ref()[p.offset..];
-                total += bytes.len();
-                iov.push(IoSlice::new(bytes));
-            }
-            let mut entries = 0u64;
-            while iov.len() < MAX_IOV && c.pos + entries < limit && total < budget {
-                let entry = queue.get(c.pos + entries).unwrap();
-                if !same_streamheader(&entry.streamheader, &c.streamheader) {
-                    break;
-                }
-                let bytes = (*entry.chunk.data).as_ref();
-                total += bytes.len();
-                iov.push(IoSlice::new(bytes));
-                entries += 1;
-            }
-            if iov.is_empty() {
-                return if c.flush_until.is_some() {
-                    Turn::Flushed
-                } else {
-                    Turn::CaughtUp
-                };
-            }
-            let result = if total == 0 {
-                Ok(0)
-            } else {
-                write_iov(c.fd, c.kind, iov.as_slice())
-            };
-            drop(iov);
-            match result {
-                Ok(n) => {
-                    consume(c, queue, n, entries);
-                    self.bytes_served += n as u64;
-                    if n > 0 {
-                        c.bytes_sent += n as u64;
-                        c.last_activity = self.now;
-                    }
-                    if n < total && c.watch == Watch::Epoll {
-                        // A short write means the fd is full; edge-triggered epoll
-                        // tells us when it drains.
-                        return Turn::Blocked;
-                    }
-                    budget = budget.saturating_sub(n);
-                    if budget == 0 {
-                        return Turn::Yield;
-                    }
-                }
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return Turn::Blocked,
-                Err(e) => return Turn::Failed(e),
+                self.evict(id, status);
             }
         }
     }
 
     /// Removes clients that wrote nothing for longer than the timeout.
-    pub fn expire_idle(&mut self, now: Instant, shared: &Shared) {
+    pub(super) fn expire_idle(&mut self, now: Instant) {
         let Some(timeout) = self.settings.timeout else {
             return;
         };
@@ -464,14 +355,12 @@ impl State {
             .collect();
         for id in expired {
             log!(
-                shared.listener,
+                self.listener,
                 Info,
                 "client fd {}: timed out",
                 self.clients[&id].fd
             );
-            if let Some(r) = self.mark_removed(id, ClientStatus::Slow, shared) {
-                self.removed.push(r);
-            }
+            self.evict(id, ClientStatus::Slow);
         }
     }
 }

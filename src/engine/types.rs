@@ -117,23 +117,13 @@ impl Amount {
 }
 
 /// Per-client settings, as given to `add-full`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ClientConfig {
     pub sync: SyncMethod,
     /// The least that a burst sends (burst methods only).
     pub burst_min: Option<Amount>,
     /// The most that a burst sends (burst methods only).
     pub burst_max: Option<Amount>,
-}
-
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            sync: SyncMethod::Latest,
-            burst_min: None,
-            burst_max: None,
-        }
-    }
 }
 
 /// The file descriptor of a client, as the application gave it.
@@ -180,6 +170,9 @@ pub struct Settings {
     pub resend_streamheader: bool,
     /// DSCP for client sockets.
     pub qos_dscp: Option<u8>,
+    /// How a client joins when nobody chose for it (the server's accepted sockets):
+    /// the element's `sync-method` and burst.
+    pub default_placement: ClientConfig,
 }
 
 impl Default for Settings {
@@ -196,6 +189,7 @@ impl Default for Settings {
             handle_read: true,
             resend_streamheader: true,
             qos_dscp: None,
+            default_placement: ClientConfig::default(),
         }
     }
 }
@@ -220,9 +214,11 @@ pub enum AddOutcome {
     NotRunning,
 }
 
+/// `log!(to, Level, "format", args)`: logs through anything with a
+/// `log(LogLevel, fmt::Arguments)` method (a `Listener`, the service's `Registry`).
 macro_rules! log {
-    ($listener:expr, $level:ident, $($arg:tt)*) => {
-        $listener.log(LogLevel::$level, format_args!($($arg)*))
+    ($to:expr, $level:ident, $($arg:tt)*) => {
+        $to.log($crate::engine::LogLevel::$level, format_args!($($arg)*))
     };
 }
 pub(crate) use log;

@@ -101,6 +101,17 @@ impl Settings {
             handle_read: self.handle_read,
             resend_streamheader: self.resend_streamheader,
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
+            default_placement: self.add_placement(),
+        }
+    }
+
+    /// How `add` places a client: `sync-method` with `burst-format`/`burst-value` as
+    /// the burst minimum and no maximum.
+    fn add_placement(&self) -> ClientConfig {
+        ClientConfig {
+            sync: self.sync_method.into(),
+            burst_min: burst_amount(self.burst_format, self.burst_value),
+            burst_max: None,
         }
     }
 }
@@ -173,15 +184,9 @@ impl RsMultiFdSink {
         self.engine().set_settings(settings);
     }
 
-    /// How `add` places a client: `sync-method` with `burst-format`/`burst-value` as
-    /// the burst minimum and no maximum.
-    pub(crate) fn add_config(&self) -> ClientConfig {
-        let s = self.settings.lock().unwrap();
-        ClientConfig {
-            sync: s.sync_method.into(),
-            burst_min: burst_amount(s.burst_format, s.burst_value),
-            burst_max: None,
-        }
+    /// How `add` places a client.
+    fn add_config(&self) -> ClientConfig {
+        self.settings.lock().unwrap().add_placement()
     }
 
     /// `add` and `add-full`.

@@ -9,9 +9,8 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::engine::ClientConfig;
 use crate::multifdsink::{RsMultiFdSink, RsMultiFdSinkImpl};
-use crate::server::{self, Owned, Server, ServerConfig};
+use crate::server::{self, AcceptedSockets, DEFAULT_BACKLOG, Server, ServerConfig};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -23,7 +22,6 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 
 const DEFAULT_HOST: &str = "localhost";
 const DEFAULT_PORT: i32 = 4953;
-const DEFAULT_BACKLOG: i32 = 128;
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -59,9 +57,7 @@ pub struct RsTcpServerSink {
     /// Shared with the running server: changes apply to the next request.
     server_config: Arc<Mutex<ServerConfig>>,
     /// Sockets accepted by us, closed once the engine forgot them.
-    owned: Owned,
-    /// How accepted sockets join: `add`'s sync method and burst, kept current.
-    client_config: Arc<Mutex<ClientConfig>>,
+    owned: AcceptedSockets,
 }
 
 impl RsTcpServerSink {
@@ -104,15 +100,8 @@ impl RsTcpServerSink {
             "listening on {addrs:?} (backlog {backlog})"
         );
         self.sync_server_config();
-        *self.client_config.lock().unwrap() = self.add_config();
-        let client_config = self.client_config.clone();
-        let srv = Server::new(
-            listeners,
-            self.server_config.clone(),
-            client_config,
-            self.owned.clone(),
-        );
-        self.with_base(|base| base.engine().set_aux(Some(Box::new(srv))))
+        let srv = Server::new(listeners, self.server_config.clone(), self.owned.clone());
+        self.with_base(|base| base.engine().set_service(Some(Box::new(srv))))
             .map_err(|e| {
                 gst::error_msg!(
                     gst::ResourceError::OpenRead,
@@ -121,11 +110,6 @@ impl RsTcpServerSink {
             })?;
         self.obj().notify("current-port");
         Ok(())
-    }
-
-    /// How accepted sockets join: as a plain `add` would place them.
-    fn add_config(&self) -> ClientConfig {
-        self.with_base(|base| base.add_config())
     }
 }
 
@@ -240,13 +224,6 @@ impl ObjectImpl for RsTcpServerSink {
 
     fn constructed(&self) {
         self.parent_constructed();
-        // Accepted sockets join as `add` would now: follow changes while running.
-        self.obj().connect_notify(None, |obj, pspec| {
-            if matches!(pspec.name(), "sync-method" | "burst-format" | "burst-value") {
-                let imp = obj.imp();
-                *imp.client_config.lock().unwrap() = imp.add_config();
-            }
-        });
         let owned = self.owned.clone();
         self.with_base(|base| {
             let _ = base.fd_removed_hook.set(Box::new(move |fd| {
