@@ -102,6 +102,8 @@ pub(crate) struct Unsent {
     pub offset: usize,
 }
 
+/// One client of a worker: its fd, where it stands in the stream, what it still
+/// owes from a partial write, and its figures.
 pub(crate) struct Client {
     pub id: ClientId,
     pub fd: RawFd,

@@ -1,5 +1,5 @@
 //! The system calls on a client's fd: classify it, make it non-blocking, watch it
-//! with epoll, set its DSCP and write an iovec to it.
+//! with epoll, set its DSCP, write an iovec to it and read and drop its input.
 
 use std::io::IoSlice;
 use std::os::fd::{BorrowedFd, RawFd};

@@ -44,7 +44,9 @@ use std::thread::JoinHandle;
 use self::pool::Pool;
 use self::service::ServiceHost;
 
-/// The fan-out engine.
+/// The fan-out engine: its workers, their IO threads and the service. Every call
+/// about one client goes to the worker that holds it; buffers, settings and
+/// streamheaders go to all.
 pub struct Engine {
     pool: Arc<Pool>,
     service: Arc<ServiceHost>,

@@ -141,6 +141,7 @@ pub trait Listener: Send + Sync {
     fn log(&self, _level: LogLevel, _args: fmt::Arguments<'_>) {}
 }
 
+/// How much a log line matters (the elements map it to GStreamer debug levels).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LogLevel {
     Warning,
@@ -205,6 +206,7 @@ pub struct Counters {
     pub num_handles: u64,
 }
 
+/// What `Engine::add` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddOutcome {
     Added,
