@@ -10,24 +10,22 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::sys::epoll::{EpollEvent, EpollFlags};
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
     sockopt,
 };
 
-use crate::engine::core::{LogLevel, Shared, log};
-use crate::engine::{AUX_TOKEN, AddOutcome, Aux};
+use crate::engine::{AddOutcome, Registry, Service, ServiceToken, log};
 use crate::http::{self, Method, Parsed};
 
-/// Tokens below this are listening sockets; pending connections use higher numbers.
-const FIRST_PENDING_TOKEN: u64 = 16;
-
-/// HTTP mode's defaults, shared by `ServerConfig` and the element's properties.
+/// How long a client has to send its request head, by default.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_MAX_HEADER_SIZE: usize = 8192;
-/// No limit.
+/// The largest request head accepted, by default.
+pub const DEFAULT_MAX_HEADER_SIZE: u32 = 8192;
+/// No limit on clients, by default.
 pub const DEFAULT_MAX_CLIENTS: u32 = 0;
+/// The kernel's queue of connections not yet accepted, by default.
+pub const DEFAULT_BACKLOG: i32 = 128;
 
 /// What the server needs to know; the element keeps it current.
 #[derive(Debug, Clone)]
@@ -51,7 +49,7 @@ impl Default for ServerConfig {
             mount: None,
             max_clients: DEFAULT_MAX_CLIENTS,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
-            max_header_size: DEFAULT_MAX_HEADER_SIZE,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE as usize,
             content_type: None,
         }
     }
@@ -66,10 +64,11 @@ const LINGER_POLL: Duration = Duration::from_millis(50);
 const LINGER_BYTES: usize = 256 * 1024;
 
 /// Sockets the server accepted and so must close once the engine forgot them.
-pub type Owned = Arc<Mutex<HashMap<RawFd, OwnedFd>>>;
+pub type AcceptedSockets = Arc<Mutex<HashMap<RawFd, OwnedFd>>>;
 
-/// A connection still sending its request head.
-struct Pending {
+/// An accepted connection that is no client yet: it is still sending its request
+/// head, or waits for the stream's caps to be answered.
+struct Incoming {
     stream: TcpStream,
     head: Vec<u8>,
     deadline: Instant,
@@ -86,10 +85,11 @@ pub struct Server {
     /// Refused connections being drained before they are closed: stream, deadline,
     /// bytes drained.
     closing: Vec<(TcpStream, Instant, usize)>,
-    pending: HashMap<u64, Pending>,
-    next_token: u64,
-    pub config: Arc<Mutex<ServerConfig>>,
-    owned: Owned,
+    /// By the number of their `ServiceToken::Connection`.
+    incoming: HashMap<u64, Incoming>,
+    next_connection: u64,
+    config: Arc<Mutex<ServerConfig>>,
+    accepted: AcceptedSockets,
 }
 
 /// Binds every address `host` resolves to, on `port` (0: a free port, the same for
@@ -118,9 +118,6 @@ pub fn bind_listeners(host: &str, port: u16, backlog: i32) -> std::io::Result<Ve
             )
         }));
     }
-    if bound.len() > FIRST_PENDING_TOKEN as usize {
-        bound.truncate(FIRST_PENDING_TOKEN as usize);
-    }
     Ok(bound)
 }
 
@@ -146,29 +143,39 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
 }
 
 impl Server {
+    /// Serves `listeners` as `config` says (read for each connection, so changes
+    /// apply to the next one) and puts the sockets it hands over in `accepted`.
     pub fn new(
         listeners: Vec<TcpListener>,
         config: Arc<Mutex<ServerConfig>>,
-        owned: Owned,
+        accepted: AcceptedSockets,
     ) -> Self {
         Server {
             listeners,
             accept_paused_until: None,
             closing: Vec::new(),
-            pending: HashMap::new(),
-            next_token: FIRST_PENDING_TOKEN,
+            incoming: HashMap::new(),
+            next_connection: 0,
             config,
-            owned,
+            accepted,
         }
     }
 
-    fn accept_all(&mut self, shared: &Shared, which: usize) {
+    /// Watches every listening socket.
+    fn watch_listeners(&self, registry: &Registry<'_>) -> std::io::Result<()> {
+        for (i, l) in self.listeners.iter().enumerate() {
+            registry.register(l.as_fd(), ServiceToken::Listener(i))?;
+        }
+        Ok(())
+    }
+
+    fn accept_all(&mut self, registry: &Registry<'_>, which: usize) {
         loop {
             let Some(listener) = self.listeners.get(which) else {
                 return;
             };
             match listener.accept() {
-                Ok((stream, peer)) => self.accepted(shared, stream, peer),
+                Ok((stream, peer)) => self.accepted(registry, stream, peer),
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 // Out of fds or memory: the connection stays queued and the
@@ -186,63 +193,59 @@ impl Server {
                     ) =>
                 {
                     log!(
-                        shared.listener,
+                        registry,
                         Warning,
                         "accept failed: {e}; pausing accepts for {ACCEPT_PAUSE:?}"
                     );
-                    let _ = shared.epoll.delete(listener.as_fd());
+                    registry.deregister(listener.as_fd());
                     self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
                     return;
                 }
                 // An aborted connection: nothing to do for this one.
                 Err(e) => {
-                    log!(shared.listener, Info, "accept failed: {e}");
+                    log!(registry, Info, "accept failed: {e}");
                     continue;
                 }
             }
         }
     }
 
-    fn accepted(&mut self, shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    fn accepted(&mut self, registry: &Registry<'_>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         if stream.set_nonblocking(true).is_err() {
             return;
         }
         let config = self.config.lock().unwrap().clone();
-        log!(shared.listener, Info, "connection from {peer}");
+        log!(registry, Info, "connection from {peer}");
         if !config.http {
-            self.hand_over(shared, stream, peer);
+            self.hand_over(registry, stream, peer);
             return;
         }
-        let token = self.next_token;
-        self.next_token += 1;
-        let event = EpollEvent::new(
-            EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
-            AUX_TOKEN | token,
-        );
-        if let Err(e) = shared.epoll.add(stream.as_fd(), event) {
+        let token = self.next_connection;
+        self.next_connection += 1;
+        if let Err(e) = registry.register(stream.as_fd(), ServiceToken::Connection(token)) {
             log!(
-                shared.listener,
+                registry,
                 Warning,
                 "cannot watch connection from {peer}: {e}"
             );
             return;
         }
-        let pending = Pending {
+        let incoming = Incoming {
             stream,
             head: Vec::new(),
             deadline: Instant::now() + config.header_timeout,
             peer,
             request: None,
         };
-        self.pending.insert(token, pending);
+        self.incoming.insert(token, incoming);
         // Data may already be there: edge cases of level-triggered epoll aside, read now.
-        self.read_request(shared, token);
+        self.read_request(registry, token);
     }
 
     /// Reads what the connection sent; answers once the head is complete.
-    fn read_request(&mut self, shared: &Shared, token: u64) {
-        let Some(p) = self.pending.get_mut(&token) else {
+    fn read_request(&mut self, registry: &Registry<'_>, token: u64) {
+        let Some(p) = self.incoming.get_mut(&token) else {
             return;
         };
         let max_head = self.config.lock().unwrap().max_header_size;
@@ -250,13 +253,8 @@ impl Server {
         loop {
             match p.stream.read(&mut buf) {
                 Ok(0) => {
-                    log!(
-                        shared.listener,
-                        Info,
-                        "{}: closed before its request",
-                        p.peer
-                    );
-                    self.drop_pending(shared, token);
+                    log!(registry, Info, "{}: closed before its request", p.peer);
+                    self.drop_incoming(registry, token);
                     return;
                 }
                 // A complete request waits for caps: anything more is dropped.
@@ -278,7 +276,7 @@ impl Server {
                         }
                         Parsed::Refused(r) => {
                             let (code, reason) = r.status();
-                            self.refuse(shared, token, code, reason);
+                            self.refuse(registry, token, code, reason);
                             return;
                         }
                     }
@@ -286,36 +284,36 @@ impl Server {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(_) => {
-                    self.drop_pending(shared, token);
+                    self.drop_incoming(registry, token);
                     return;
                 }
             }
         }
-        self.answer(shared, token);
+        self.answer(registry, token);
     }
 
     /// Answers a complete request, unless the stream's caps are not known yet: then
     /// it waits (until its deadline) so the Content-Type is right.
-    fn answer(&mut self, shared: &Shared, token: u64) {
+    fn answer(&mut self, registry: &Registry<'_>, token: u64) {
         let config = self.config.lock().unwrap().clone();
-        let Some(req) = self.pending.get(&token).and_then(|p| p.request.clone()) else {
+        let Some(req) = self.incoming.get(&token).and_then(|p| p.request.clone()) else {
             return;
         };
         if config.mount.as_ref().is_some_and(|m| *m != req.path) {
-            return self.refuse(shared, token, 404, "Not Found");
+            return self.refuse(registry, token, 404, "Not Found");
         }
-        if config.max_clients > 0 && shared.client_count_routed() >= config.max_clients as usize {
-            return self.refuse(shared, token, 503, "Service Unavailable");
+        if config.max_clients > 0 && registry.client_count() >= config.max_clients as usize {
+            return self.refuse(registry, token, 503, "Service Unavailable");
         }
         let Some(content_type) = config.content_type else {
             return;
         };
-        let Some(mut p) = self.take_pending(shared, token) else {
+        let Some(mut p) = self.take_incoming(registry, token) else {
             return;
         };
         let head = http::stream_head(&content_type);
         log!(
-            shared.listener,
+            registry,
             Info,
             "{}: {:?} {} -> 200 ({content_type})",
             p.peer,
@@ -328,9 +326,9 @@ impl Server {
         }
         // The head is small and the socket's buffer empty: one write does it.
         match p.stream.write(&head) {
-            Ok(n) if n == head.len() => self.hand_over(shared, p.stream, p.peer),
+            Ok(n) if n == head.len() => self.hand_over(registry, p.stream, p.peer),
             _ => log!(
-                shared.listener,
+                registry,
                 Info,
                 "{}: could not write the response head",
                 p.peer
@@ -339,14 +337,9 @@ impl Server {
     }
 
     /// Answers with an error status and closes the connection.
-    fn refuse(&mut self, shared: &Shared, token: u64, code: u16, reason: &str) {
-        if let Some(mut p) = self.take_pending(shared, token) {
-            log!(
-                shared.listener,
-                Info,
-                "{}: refused with {code} {reason}",
-                p.peer
-            );
+    fn refuse(&mut self, registry: &Registry<'_>, token: u64, code: u16, reason: &str) {
+        if let Some(mut p) = self.take_incoming(registry, token) {
+            log!(registry, Info, "{}: refused with {code} {reason}", p.peer);
             let _ = p.stream.write(&http::error_head(code, reason));
             // Closing with unread request bytes would send a reset that can destroy
             // the answer in flight: end our side, then drain theirs for a while.
@@ -377,82 +370,68 @@ impl Server {
         });
     }
 
-    fn hand_over(&mut self, shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    fn hand_over(&mut self, registry: &Registry<'_>, stream: TcpStream, peer: SocketAddr) {
         let fd = OwnedFd::from(stream);
         let raw = fd.as_raw_fd();
-        // Owned before add: the engine may remove it (and we close it) at once.
-        self.owned.lock().unwrap().insert(raw, fd);
-        let config = shared.lock().settings.default_placement;
-        log!(shared.listener, Debug, "{peer}: streaming to fd {raw}");
-        if shared.add_routed(raw, config) != AddOutcome::Added {
-            self.owned.lock().unwrap().remove(&raw);
+        // Ours before add: the engine may remove it (and we close it) at once.
+        self.accepted.lock().unwrap().insert(raw, fd);
+        log!(registry, Debug, "{peer}: streaming to fd {raw}");
+        if registry.add_client(raw) != AddOutcome::Added {
+            self.accepted.lock().unwrap().remove(&raw);
         }
     }
 
-    fn take_pending(&mut self, shared: &Shared, token: u64) -> Option<Pending> {
-        let p = self.pending.remove(&token)?;
-        let _ = shared.epoll.delete(p.stream.as_fd());
+    fn take_incoming(&mut self, registry: &Registry<'_>, token: u64) -> Option<Incoming> {
+        let p = self.incoming.remove(&token)?;
+        registry.deregister(p.stream.as_fd());
         Some(p)
     }
 
-    fn drop_pending(&mut self, shared: &Shared, token: u64) {
-        drop(self.take_pending(shared, token));
-    }
-
-    /// Closes every connection still sending its request.
-    pub fn close_pending(&mut self, shared: &Shared) {
-        let tokens: Vec<u64> = self.pending.keys().copied().collect();
-        for t in tokens {
-            self.drop_pending(shared, t);
-        }
+    fn drop_incoming(&mut self, registry: &Registry<'_>, token: u64) {
+        drop(self.take_incoming(registry, token));
     }
 }
 
-impl Aux for Server {
-    fn register(&mut self, shared: &Shared) -> std::io::Result<()> {
-        for (i, l) in self.listeners.iter().enumerate() {
-            let event = EpollEvent::new(EpollFlags::EPOLLIN, AUX_TOKEN | i as u64);
-            shared.epoll.add(l.as_fd(), event)?;
-        }
-        Ok(())
+impl Service for Server {
+    fn register(&mut self, registry: &Registry<'_>) -> std::io::Result<()> {
+        self.watch_listeners(registry)
     }
 
-    fn unregister(&mut self, shared: &Shared) {
+    fn deregister(&mut self, registry: &Registry<'_>) {
         for l in &self.listeners {
-            let _ = shared.epoll.delete(l.as_fd());
+            registry.deregister(l.as_fd());
         }
-        self.close_pending(shared);
+        let tokens: Vec<u64> = self.incoming.keys().copied().collect();
+        for t in tokens {
+            self.drop_incoming(registry, t);
+        }
         self.closing.clear();
     }
 
-    fn event(&mut self, shared: &Shared, token: u64, _flags: EpollFlags) {
-        if token < FIRST_PENDING_TOKEN {
-            self.accept_all(shared, token as usize);
-        } else {
-            self.read_request(shared, token);
+    fn event(&mut self, registry: &Registry<'_>, token: ServiceToken) {
+        match token {
+            ServiceToken::Listener(i) => self.accept_all(registry, i),
+            ServiceToken::Connection(n) => self.read_request(registry, n),
         }
     }
 
-    fn tick(&mut self, shared: &Shared, now: Instant) -> Option<Instant> {
+    fn tick(&mut self, registry: &Registry<'_>, now: Instant) -> Option<Instant> {
         if self.accept_paused_until.is_some_and(|t| t <= now) {
             self.accept_paused_until = None;
-            for (i, l) in self.listeners.iter().enumerate() {
-                let event = EpollEvent::new(EpollFlags::EPOLLIN, AUX_TOKEN | i as u64);
-                let _ = shared.epoll.add(l.as_fd(), event);
-            }
+            let _ = self.watch_listeners(registry);
         }
         // Requests that waited for caps: answer those that can be answered now.
         let waiting: Vec<u64> = self
-            .pending
+            .incoming
             .iter()
             .filter(|(_, p)| p.request.is_some())
             .map(|(t, _)| *t)
             .collect();
         for t in waiting {
-            self.answer(shared, t);
+            self.answer(registry, t);
         }
         let expired: Vec<(u64, bool)> = self
-            .pending
+            .incoming
             .iter()
             .filter(|(_, p)| p.deadline <= now)
             .map(|(t, p)| (*t, p.request.is_some()))
@@ -460,15 +439,15 @@ impl Aux for Server {
         for (t, complete) in expired {
             if complete {
                 // The stream never started (no caps): nothing to serve yet.
-                self.refuse(shared, t, 503, "Service Unavailable");
+                self.refuse(registry, t, 503, "Service Unavailable");
             } else {
-                self.refuse(shared, t, 408, "Request Timeout");
+                self.refuse(registry, t, 408, "Request Timeout");
             }
         }
         self.drain_closing(now);
         let drain_poll = (!self.closing.is_empty()).then(|| now + LINGER_POLL);
         [
-            self.pending.values().map(|p| p.deadline).min(),
+            self.incoming.values().map(|p| p.deadline).min(),
             drain_poll,
             self.accept_paused_until,
         ]
@@ -478,7 +457,8 @@ impl Aux for Server {
     }
 }
 
-/// Closes an accepted socket once the engine forgot it.
-pub fn release(owned: &Owned, fd: RawFd) -> bool {
-    owned.lock().unwrap().remove(&fd).is_some()
+/// Closes a socket the server accepted, once the engine forgot it (after
+/// `client-fd-removed`). False for an fd the server did not accept.
+pub fn release(accepted: &AcceptedSockets, fd: RawFd) -> bool {
+    accepted.lock().unwrap().remove(&fd).is_some()
 }

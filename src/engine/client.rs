@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{ClientConfig, ClientStatus, Payload, Streamheader};
+use super::types::{ClientConfig, ClientStatus, Payload, Streamheader};
 
 pub(crate) type ClientId = u64;
 
@@ -95,12 +95,15 @@ pub struct ClientStats {
     pub last_buffer_ts: Option<u64>,
 }
 
-/// Bytes the client must send before its next queued buffer.
-pub(crate) struct Pending {
+/// Bytes the client must send before its next queued buffer: a streamheader buffer,
+/// or the rest of a buffer written in part.
+pub(crate) struct Unsent {
     pub data: Payload,
     pub offset: usize,
 }
 
+/// One client of a worker: its fd, where it stands in the stream, what it still
+/// owes from a partial write, and its figures.
 pub(crate) struct Client {
     pub id: ClientId,
     pub fd: RawFd,
@@ -115,7 +118,7 @@ pub(crate) struct Client {
     /// Whether `pos` is counted in the queue's references.
     pub positioned: bool,
     /// Streamheaders and the rest of a partially written buffer, sent before `pos`.
-    pub outbox: VecDeque<Pending>,
+    pub outbox: VecDeque<Unsent>,
     /// The streamheader generation this client was last given.
     pub streamheader: Option<Streamheader>,
     pub had_streamheader: bool,

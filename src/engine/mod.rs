@@ -4,150 +4,245 @@
 //! Nothing in here knows about GStreamer or GObject, so it can be unit-tested with
 //! plain pipes and socketpairs. The elements translate buffers, caps and signals
 //! into the types below.
+//!
+//! The engine runs one or more workers, each with an IO thread and its own clients,
+//! so writing can use more than one core. Every buffer goes to every worker (an
+//! `Arc` clone each); a client lives on one worker, chosen when it is added. The
+//! files, each using only those listed before it: `types` (what the elements hand
+//! in and get back), `client`, `queue`, `token` (epoll's numbers), `client_fd` (the
+//! system calls on a client's fd), `write` (a client's turn of writing), `rules`
+//! (where clients stand), `state` (a worker's clients and queue under its lock),
+//! `directory` (which worker holds each fd), `worker`, `pool` (the workers),
+//! `service` (the server's handle), `io_loop` (an IO thread), then `Engine` here.
 
 mod client;
-pub(crate) mod core;
-mod io;
+mod client_fd;
+mod directory;
+mod io_loop;
+mod pool;
 mod queue;
-mod router;
-
-use std::os::fd::RawFd;
-use std::sync::Arc;
+mod rules;
+mod service;
+mod state;
+mod token;
+mod types;
+mod worker;
+mod write;
 
 pub use self::client::ClientStats;
-pub(crate) use self::core::{AUX_TOKEN, Aux, Aux as Service};
-pub use self::core::{AddOutcome, Counters, Listener, LogLevel, Settings};
-pub use self::router::Engine;
+pub use self::service::{Registry, Service};
+pub use self::token::ServiceToken;
+pub(crate) use self::types::log;
+pub use self::types::{
+    AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, LogLevel,
+    Payload, RecoverPolicy, Settings, Streamheader, SyncMethod, Unit,
+};
 
-/// The bytes of one buffer, shared by every client that sends it.
-///
-/// The elements store a mapped `gst::Buffer` here, so a buffer is mapped once and
-/// all clients write from the same memory.
-pub type Payload = Arc<dyn AsRef<[u8]> + Send + Sync>;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-/// The streamheader of one caps generation: sent once before the first buffer of
-/// that generation to every client. Compared by pointer identity.
-pub type Streamheader = Arc<Vec<Payload>>;
+use self::pool::Pool;
+use self::service::ServiceHost;
 
-/// One buffer of the stream, as queued.
-#[derive(Clone)]
-pub struct Chunk {
-    pub data: Payload,
-    /// A sync point: a client may start here (`!DELTA_UNIT` and not a header).
-    pub keyframe: bool,
-    /// Flagged `HEADER`: repeats the caps' streamheader when there is one.
-    pub header: bool,
-    /// Presentation timestamp in nanoseconds, if known.
-    pub pts: Option<u64>,
+/// The fan-out engine: its workers, their IO threads and the service. Every call
+/// about one client goes to the worker that holds it; buffers, settings and
+/// streamheaders go to all.
+pub struct Engine {
+    pool: Arc<Pool>,
+    service: Arc<ServiceHost>,
+    /// The IO threads while started, one per worker, in the pool's order.
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// The latest settings, for the workers `set_io_threads` makes.
+    settings: Mutex<Settings>,
+    listener: Arc<dyn Listener>,
 }
 
-impl Chunk {
-    pub fn new(data: Payload, keyframe: bool, header: bool, pts: Option<u64>) -> Self {
-        Chunk {
-            data,
-            keyframe,
-            header,
-            pts,
+impl Engine {
+    pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Engine> {
+        let pool = Arc::new(Pool::new(listener.clone()));
+        let settings = Settings::default();
+        pool.make_workers(1, &settings)?;
+        Ok(Engine {
+            service: Arc::new(ServiceHost::new(pool.clone())),
+            pool,
+            threads: Mutex::new(Vec::new()),
+            settings: Mutex::new(settings),
+            listener,
+        })
+    }
+
+    /// How many IO threads write to clients. Takes effect only while stopped.
+    pub fn set_io_threads(&self, count: usize) -> std::io::Result<()> {
+        let threads = self.threads.lock().unwrap();
+        if self.pool.workers().len() == count.max(1) {
+            return Ok(());
+        }
+        if !threads.is_empty() {
+            return Err(std::io::Error::other(
+                "IO threads can only change while stopped",
+            ));
+        }
+        let settings = self.settings.lock().unwrap().clone();
+        self.pool.make_workers(count, &settings)
+    }
+
+    pub fn io_threads(&self) -> usize {
+        self.pool.workers().len()
+    }
+
+    /// Starts the IO threads; clients can be added from now on.
+    pub fn start(&self) -> std::io::Result<()> {
+        let mut threads = self.threads.lock().unwrap();
+        if !threads.is_empty() {
+            return Ok(());
+        }
+        for (i, worker) in self.pool.workers().iter().enumerate() {
+            worker.open();
+            let worker = worker.clone();
+            // The first worker's IO thread also serves the service.
+            let service = (i == 0).then(|| self.service.clone());
+            let thread = std::thread::Builder::new()
+                .name("rsmultifdsink-io".into())
+                .spawn(move || io_loop::run(worker, service))?;
+            threads.push(thread);
+        }
+        Ok(())
+    }
+
+    /// Stops the IO threads, removes every client (status removed) and drops the
+    /// queue and streamheader.
+    pub fn stop(&self) {
+        let mut threads = std::mem::take(&mut *self.threads.lock().unwrap()).into_iter();
+        for (i, worker) in self.pool.workers().iter().enumerate() {
+            worker.halt();
+            // A signal handler on the IO thread may stop the element: do not join
+            // ourselves; the thread ends when the handler returns.
+            if let Some(thread) = threads.next()
+                && thread.thread().id() != std::thread::current().id()
+            {
+                let _ = thread.join();
+            }
+            // The listening sockets and connections still sending a request go
+            // before the clients.
+            if i == 0 {
+                self.service.close(worker);
+            }
+            worker.close();
         }
     }
 
-    pub fn from_vec(data: Vec<u8>, keyframe: bool, header: bool, pts: Option<u64>) -> Self {
-        Chunk::new(Arc::new(data), keyframe, header, pts)
+    pub fn set_settings(&self, settings: Settings) {
+        *self.settings.lock().unwrap() = settings.clone();
+        for worker in self.pool.workers().iter() {
+            worker.set_settings(settings.clone());
+        }
     }
 
-    pub fn len(&self) -> usize {
-        (*self.data).as_ref().len()
+    /// Adds a client. `client-added` is emitted before this returns; a bad fd is
+    /// removed later by an IO thread, never inside `add`.
+    pub fn add(&self, fd: Fd, config: ClientConfig) -> AddOutcome {
+        self.pool.add(fd, Some(config))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// Removes a client now: both signals are emitted before this returns.
+    pub fn remove(&self, fd: Fd, status: ClientStatus) -> bool {
+        let removed = self
+            .pool
+            .worker_of(fd)
+            .is_some_and(|w| w.remove(fd, status));
+        if !removed {
+            log!(
+                self.listener,
+                Warning,
+                "client fd {fd}: no such client to remove"
+            );
+        }
+        removed
     }
-}
 
-/// How a new client is placed in the stream (values as in `multifdsink`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SyncMethod {
-    /// From the next buffer that arrives.
-    #[default]
-    Latest,
-    /// From the next keyframe that arrives.
-    NextKeyframe,
-    /// From the most recent keyframe in the queue, or the next one.
-    LatestKeyframe,
-    /// At least the burst minimum back from the newest buffer.
-    Burst,
-    /// Like burst, but on a keyframe at or before the burst minimum (within the maximum).
-    BurstKeyframe,
-    /// Like burst-keyframe, falling back to plain burst when no keyframe fits.
-    BurstWithKeyframe,
-}
-
-/// What happens to a client that falls behind the soft limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RecoverPolicy {
-    #[default]
-    None,
-    /// Jump to the next buffer that arrives.
-    Latest,
-    /// Jump to the soft limit.
-    SoftLimit,
-    /// Jump to the most recent keyframe.
-    Keyframe,
-}
-
-/// Why a client went away (values as in `multifdsink`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientStatus {
-    Ok = 0,
-    Closed = 1,
-    Removed = 2,
-    Slow = 3,
-    Error = 4,
-    Duplicate = 5,
-    Flushing = 6,
-}
-
-/// The unit of a limit or burst amount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unit {
-    Buffers,
-    Bytes,
-    /// Nanoseconds of buffer timestamps.
-    Time,
-}
-
-/// An amount of queue: `None` is "no limit".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Amount {
-    pub unit: Unit,
-    pub value: u64,
-}
-
-impl Amount {
-    pub fn new(unit: Unit, value: u64) -> Self {
-        Amount { unit, value }
+    /// Sends what is already queued for the client, nothing newer, then removes it.
+    pub fn remove_flush(&self, fd: Fd) -> bool {
+        match self.pool.worker_of(fd) {
+            Some(worker) => worker.remove_flush(fd),
+            None => {
+                log!(
+                    self.listener,
+                    Warning,
+                    "client fd {fd}: no such client to flush"
+                );
+                false
+            }
+        }
     }
-}
 
-/// Per-client settings, as given to `add-full`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientConfig {
-    pub sync: SyncMethod,
-    /// The least that a burst sends (burst methods only).
-    pub burst_min: Option<Amount>,
-    /// The most that a burst sends (burst methods only).
-    pub burst_max: Option<Amount>,
-}
+    /// Removes every client (status removed).
+    pub fn clear(&self) {
+        for worker in self.pool.workers().iter() {
+            worker.clear();
+        }
+    }
 
-impl Default for ClientConfig {
-    fn default() -> Self {
-        ClientConfig {
-            sync: SyncMethod::Latest,
-            burst_min: None,
-            burst_max: None,
+    /// Sets the caps' streamheader.
+    pub fn set_streamheader(&self, buffers: Option<Vec<Payload>>) {
+        for worker in self.pool.workers().iter() {
+            worker.set_streamheader(buffers.clone());
+        }
+    }
+
+    /// Queues a buffer for every client. Never blocks on a client.
+    pub fn push(&self, chunk: Chunk) {
+        for worker in self.pool.workers().iter() {
+            worker.push(chunk.clone());
+        }
+    }
+
+    pub fn stats(&self, fd: Fd) -> Option<ClientStats> {
+        self.pool.worker_of(fd)?.stats(fd)
+    }
+
+    /// The figures of all workers: per-client sums, and the queue as the largest
+    /// worker's copy holds it.
+    pub fn counters(&self) -> Counters {
+        let mut total = Counters::default();
+        for (i, worker) in self.pool.workers().iter().enumerate() {
+            let c = worker.counters();
+            if i == 0 {
+                total.bytes_to_serve = c.bytes_to_serve;
+            }
+            total.bytes_served += c.bytes_served;
+            total.num_handles += c.num_handles;
+            total.buffers_queued = total.buffers_queued.max(c.buffers_queued);
+            total.bytes_queued = total.bytes_queued.max(c.bytes_queued);
+            total.time_queued = total.time_queued.max(c.time_queued);
+        }
+        total
+    }
+
+    /// Whether `fd` is a client that is not being removed.
+    pub fn has_client(&self, fd: Fd) -> bool {
+        self.pool.worker_of(fd).is_some_and(|w| w.has_client(fd))
+    }
+
+    /// Lets the first IO thread also serve `service` (the server sink's listening
+    /// sockets and its connections before they are clients); `None` deregisters the
+    /// current one.
+    pub fn set_service(&self, service: Option<Box<dyn Service>>) -> std::io::Result<()> {
+        let workers = self.pool.workers();
+        self.service.set(&workers[0], service)?;
+        workers[0].wake();
+        Ok(())
+    }
+
+    /// Wakes the IO threads (for the service to look at what changed).
+    pub fn wake(&self) {
+        for worker in self.pool.workers().iter() {
+            worker.wake();
         }
     }
 }
 
-/// The file descriptor of a client, as the application gave it.
-pub type Fd = RawFd;
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -7,8 +7,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use super::{Amount, Chunk, Streamheader, Unit};
+use super::types::{Amount, Chunk, Streamheader, Unit};
 
+/// One queued buffer, with the streamheader it goes out under.
 pub(crate) struct Entry {
     pub chunk: Chunk,
     /// The caps streamheader in force when this buffer arrived.
@@ -19,6 +20,7 @@ pub(crate) struct Entry {
     refs: u32,
 }
 
+/// The buffers some client may still send, oldest first, numbered by sequence.
 #[derive(Default)]
 pub(crate) struct BufferQueue {
     entries: VecDeque<Entry>,

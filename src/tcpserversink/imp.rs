@@ -17,7 +17,7 @@ use crate::multifdsink::{RsMultiFdSink, RsMultiFdSinkImpl};
 use crate::multihandlesink::{
     RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt,
 };
-use crate::server::{self, Owned, Server, ServerConfig};
+use crate::server::{self, AcceptedSockets, Server, ServerConfig};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -29,7 +29,7 @@ static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
 
 const DEFAULT_HOST: &str = "localhost";
 const DEFAULT_PORT: i32 = 4953;
-const DEFAULT_BACKLOG: i32 = 128;
+const DEFAULT_BACKLOG: i32 = server::DEFAULT_BACKLOG;
 const DEFAULT_HTTP: bool = false;
 const DEFAULT_HEADER_TIMEOUT: u64 = server::DEFAULT_HEADER_TIMEOUT.as_nanos() as u64;
 const DEFAULT_MAX_HEADER_SIZE: u32 = server::DEFAULT_MAX_HEADER_SIZE as u32;
@@ -60,7 +60,7 @@ pub struct RsTcpServerSink {
     /// request.
     server_config: Arc<Mutex<ServerConfig>>,
     /// Sockets accepted by us, closed once the engine forgot them.
-    owned: Owned,
+    owned: AcceptedSockets,
 }
 
 impl RsTcpServerSink {

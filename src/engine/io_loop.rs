@@ -1,6 +1,6 @@
-//! The IO thread: waits on epoll, writes to ready clients in batches, reads and
-//! discards client input, expires idle clients and emits removal signals with no
-//! lock held.
+//! The IO thread of a worker: waits on epoll, writes to ready clients in batches,
+//! reads and discards client input, expires idle clients, emits removal signals with
+//! no lock held and, on the first worker, serves the service.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,14 +10,17 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::core::{AUX_TOKEN, LogLevel, Shared, WAKER_TOKEN, log};
+use super::service::ServiceHost;
+use super::token::Token;
+use super::types::log;
+use super::worker::Worker;
 
 /// Clients written per lock hold: the streaming thread waits at most this long.
 const CLIENTS_PER_LOCK: usize = 64;
 /// How often idle clients are checked for the timeout, at most.
 const MAX_TIMEOUT_TICK: Duration = Duration::from_secs(1);
 
-pub(crate) fn run(shared: Arc<Shared>) {
+pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
     // Writing to a pipe whose reader is gone raises SIGPIPE in the writing thread.
     // Blocked here, it stays pending instead of killing the process; EPIPE still
     // reports the error. Sockets use MSG_NOSIGNAL.
@@ -25,19 +28,19 @@ pub(crate) fn run(shared: Arc<Shared>) {
     sigpipe.add(Signal::SIGPIPE);
     let _ = sigpipe.thread_block();
 
-    log!(shared.listener, Debug, "IO thread started");
+    log!(worker.listener, Debug, "IO thread started");
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut last_expiry = Instant::now();
-    let mut aux_events = Vec::new();
-    // Ask the aux for its first deadline at once.
-    let mut aux_due = Some(Instant::now());
+    let mut service_events = Vec::new();
+    // Ask the service for its first deadline at once.
+    let mut service_due = Some(Instant::now());
     // How long epoll may wait for the engine's own sake, as of the end of the last
     // pass: anything that changes it later (a push, new settings, a new client)
     // writes the waker, so it need not be read again under the lock.
     let mut engine_wait: Option<Duration> = None;
-    while !shared.stop.load(Ordering::SeqCst) {
+    while !worker.stop.load(Ordering::SeqCst) {
         let mut wait = engine_wait;
-        if let Some(due) = aux_due {
+        if let Some(due) = service_due {
             let until = due.saturating_duration_since(Instant::now());
             wait = Some(wait.map_or(until, |w| w.min(until)));
         }
@@ -46,25 +49,25 @@ pub(crate) fn run(shared: Arc<Shared>) {
             let ms = w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u32;
             EpollTimeout::try_from(Duration::from_millis(ms.into())).unwrap_or(EpollTimeout::NONE)
         });
-        let n = match shared.epoll.wait(&mut events, timeout) {
+        let n = match worker.epoll.wait(&mut events, timeout) {
             Ok(n) => n,
             Err(Errno::EINTR) => 0,
             Err(e) => {
-                log!(shared.listener, Warning, "epoll_wait failed: {e}");
+                log!(worker.listener, Warning, "epoll_wait failed: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 0
             }
         };
-        let mut st = shared.lock();
+        let mut st = worker.lock();
         for ev in &events[..n] {
-            if ev.data() == WAKER_TOKEN {
-                let _ = shared.waker.read();
-                // The aux may wait for something the waker announces (caps).
-                aux_due = Some(Instant::now());
-            } else if ev.data() & AUX_TOKEN != 0 {
-                aux_events.push((ev.data() & !AUX_TOKEN, ev.events()));
-            } else {
-                st.client_event(ev.data(), ev.events(), &shared);
+            match Token::from_epoll(ev.data()) {
+                Token::Client(id) => st.client_event(id, ev.events()),
+                Token::Waker => {
+                    let _ = worker.waker.read();
+                    // The service may wait for something the waker announces (caps).
+                    service_due = Some(Instant::now());
+                }
+                Token::Service(token) => service_events.push(token),
             }
         }
         // Serve one batch of ready clients, then go back to epoll (without waiting
@@ -74,13 +77,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
         st.now = Instant::now();
         for _ in 0..CLIENTS_PER_LOCK {
             let Some(id) = st.pop_ready() else { break };
-            st.serve(id, &shared);
+            st.serve(id);
         }
         if let Some(t) = st.settings.timeout {
             let now = st.now;
             if now.duration_since(last_expiry) >= (t / 4).min(MAX_TIMEOUT_TICK) {
                 last_expiry = now;
-                st.expire_idle(now, &shared);
+                st.expire_idle(now);
             }
         }
         engine_wait = if st.has_ready() {
@@ -91,28 +94,20 @@ pub(crate) fn run(shared: Arc<Shared>) {
         };
         let removed = std::mem::take(&mut st.removed);
         drop(st);
-        shared.finish_removals(removed);
+        worker.finish_removals(removed);
         // A mutex is not fair: let a waiting streaming thread in before taking the
         // lock again (best effort; `push` never waits for more than one batch).
-        if shared.pushers.load(Ordering::Acquire) > 0 {
+        if worker.pushers.load(Ordering::Acquire) > 0 {
             std::thread::yield_now();
         }
-        let now = Instant::now();
-        if !aux_events.is_empty() || aux_due.is_some_and(|d| d <= now) {
-            let mut aux = shared.aux.lock().unwrap_or_else(|e| e.into_inner());
-            match aux.as_mut() {
-                Some(aux) => {
-                    for (token, flags) in aux_events.drain(..) {
-                        aux.event(&shared, token, flags);
-                    }
-                    aux_due = aux.tick(&shared, Instant::now());
-                }
-                None => {
-                    aux_events.clear();
-                    aux_due = None;
+        match &service {
+            Some(host) => {
+                if !service_events.is_empty() || service_due.is_some_and(|d| d <= Instant::now()) {
+                    service_due = host.serve(&worker, &mut service_events);
                 }
             }
+            None => service_due = None,
         }
     }
-    log!(shared.listener, Debug, "IO thread stopped");
+    log!(worker.listener, Debug, "IO thread stopped");
 }

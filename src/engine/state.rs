@@ -1,0 +1,366 @@
+//! A worker's state under its one lock: the queue, the clients and the lists that
+//! say which clients need the IO thread, with every rule that moves clients through
+//! the stream.
+
+use std::collections::VecDeque;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollFlags};
+
+use super::client::{Client, ClientId, IdMap, Phase, Watch};
+use super::client_fd::{discard_input, watch_writable};
+use super::queue::BufferQueue;
+use super::rules::{keep_from, limit_boundaries, recover_position, start_position};
+use super::types::{Chunk, ClientStatus, Listener, Settings, Streamheader, log};
+use super::write::{Turn, write_turn};
+
+/// A worker's queue and clients, under its one lock, with the rules that move its
+/// clients through the stream. Everything here runs with the lock held: nothing
+/// blocks, and only `Listener::log` is called out.
+pub(super) struct WorkerState {
+    pub(super) settings: Settings,
+    pub(super) queue: BufferQueue,
+    pub(super) streamheader: Option<Streamheader>,
+    pub(super) clients: IdMap<ClientId, Client>,
+    pub(super) by_fd: IdMap<RawFd, ClientId>,
+    /// Clients not being removed (`num-handles`), kept so reading it walks nothing.
+    pub(super) live: usize,
+    pub(super) next_id: ClientId,
+    /// Lists may hold stale ids; a client's phase says whether it belongs.
+    pub(super) ready: VecDeque<ClientId>,
+    pub(super) idle: Vec<ClientId>,
+    pub(super) joining: Vec<ClientId>,
+    /// Removed by the streaming side or the IO thread; the IO thread emits signals.
+    pub(super) removed: Vec<Removal>,
+    pub(super) running: bool,
+    pub(super) bytes_to_serve: u64,
+    pub(super) bytes_served: u64,
+    pub(super) scratch: Vec<u8>,
+    /// The IO thread's clock reading for the batch it is writing.
+    pub(super) now: Instant,
+    /// The worker's epoll: removed clients leave it, blocked ones are re-armed.
+    pub(super) epoll: Arc<Epoll>,
+    pub(super) listener: Arc<dyn Listener>,
+}
+
+/// A client marked removed whose signals are still to be emitted: id, fd, status.
+pub(super) type Removal = (ClientId, RawFd, ClientStatus);
+
+impl WorkerState {
+    pub(super) fn new(epoll: Arc<Epoll>, listener: Arc<dyn Listener>) -> WorkerState {
+        WorkerState {
+            settings: Settings::default(),
+            queue: BufferQueue::default(),
+            streamheader: None,
+            clients: IdMap::default(),
+            by_fd: IdMap::default(),
+            live: 0,
+            next_id: 1,
+            ready: VecDeque::new(),
+            idle: Vec::new(),
+            joining: Vec::new(),
+            removed: Vec::new(),
+            running: false,
+            bytes_to_serve: 0,
+            bytes_served: 0,
+            scratch: vec![0; 4096],
+            now: Instant::now(),
+            epoll,
+            listener,
+        }
+    }
+
+    pub(super) fn repeats_streamheader(&self, chunk: &Chunk) -> bool {
+        let bytes = (*chunk.data).as_ref();
+        self.streamheader
+            .as_ref()
+            .is_some_and(|sh| sh.iter().any(|h| (**h).as_ref() == bytes))
+    }
+
+    pub(super) fn push(&mut self, chunk: Chunk) {
+        self.bytes_to_serve += chunk.len() as u64;
+        let seq = self.queue.push(chunk, self.streamheader.clone());
+        for id in std::mem::take(&mut self.idle) {
+            if let Some(c) = self.clients.get_mut(&id).filter(|c| c.phase == Phase::Idle) {
+                c.phase = Phase::Ready;
+                self.ready.push_back(id);
+            }
+        }
+        self.place_joining(seq);
+        self.enforce_limits();
+    }
+
+    /// Gives clients that wait to join a start position, now that buffer `seq` is in.
+    fn place_joining(&mut self, seq: u64) {
+        if self.joining.is_empty() {
+            return;
+        }
+        let mut still = Vec::new();
+        for id in std::mem::take(&mut self.joining) {
+            let Some(c) = self.clients.get(&id).filter(|c| c.phase == Phase::Joining) else {
+                continue;
+            };
+            match start_position(&self.queue, &c.config, seq) {
+                Some(pos) => {
+                    log!(
+                        self.listener,
+                        Debug,
+                        "client fd {}: starts at buffer {} ({} queued after it)",
+                        c.fd,
+                        pos,
+                        seq + 1 - pos
+                    );
+                    self.queue.add_ref(pos);
+                    let c = self.clients.get_mut(&id).unwrap();
+                    c.pos = pos;
+                    c.positioned = true;
+                    c.phase = Phase::Ready;
+                    self.ready.push_back(id);
+                }
+                None => still.push(id),
+            }
+        }
+        self.joining = still;
+    }
+
+    /// Removes clients past `units-max`, recovers clients past `units-soft-max`, then
+    /// drops the buffers nobody needs.
+    pub(super) fn enforce_limits(&mut self) {
+        let (hard, soft) = limit_boundaries(&self.queue, &self.settings);
+        let boundary = match (hard, soft) {
+            (Some(h), Some(s)) => Some(h.max(s)),
+            (h, s) => h.or(s),
+        };
+        if let (Some(boundary), Some(oldest)) = (boundary, self.queue.oldest_referenced())
+            && oldest < boundary
+        {
+            // Somebody lags: find who. Costs a scan only when a client must go or
+            // be moved, never for ordinary buffers.
+            let laggards: Vec<ClientId> = self
+                .clients
+                .values()
+                .filter(|c| c.positioned && c.pos < boundary)
+                .map(|c| c.id)
+                .collect();
+            for id in laggards {
+                let pos = self.clients[&id].pos;
+                if hard.is_some_and(|h| pos < h) {
+                    let fd = self.clients[&id].fd;
+                    log!(
+                        self.listener,
+                        Info,
+                        "client fd {fd}: too slow ({} buffers behind), removing",
+                        self.queue.next_seq() - pos
+                    );
+                    self.evict(id, ClientStatus::Slow);
+                } else if let Some(s) = soft.filter(|s| pos < *s) {
+                    self.recover(id, s);
+                }
+            }
+        }
+        let keep = keep_from(&mut self.queue, &self.settings);
+        self.queue.trim_before(keep);
+    }
+
+    fn recover(&mut self, id: ClientId, soft_boundary: u64) {
+        let policy = self.settings.recover_policy;
+        let Some(new) = recover_position(&self.queue, policy, soft_boundary) else {
+            return;
+        };
+        let old = self.clients[&id].pos;
+        self.queue.drop_ref(old);
+        self.queue.add_ref(new);
+        let c = self.clients.get_mut(&id).unwrap();
+        c.pos = new;
+        c.buffers_dropped += new - old;
+        log!(
+            self.listener,
+            Info,
+            "client fd {}: over soft limit, skipped {} buffers ({policy:?})",
+            c.fd,
+            new - old,
+        );
+    }
+
+    /// Marks a client removed: no more IO, out of epoll, its position released.
+    /// Returns what the caller must emit signals for (None if already removing).
+    pub(super) fn mark_removed(&mut self, id: ClientId, status: ClientStatus) -> Option<Removal> {
+        let c = self.clients.get_mut(&id)?;
+        if c.phase == Phase::Removing {
+            return None;
+        }
+        if c.phase == Phase::Adding && c.adding_thread != Some(std::thread::current().id()) {
+            // `client-added` is being emitted on another thread: removal signals
+            // must not overtake it, so that thread removes the client right after.
+            // (A handler of client-added removing it on that thread is served now.)
+            c.removal_requested.get_or_insert(status);
+            return None;
+        }
+        c.phase = Phase::Removing;
+        self.live -= 1;
+        c.status = status;
+        c.disconnected_at = Some((Instant::now(), SystemTime::now()));
+        if c.watch == Watch::Epoll {
+            // SAFETY: the app keeps the fd open until client-fd-removed.
+            let _ = self.epoll.delete(unsafe { BorrowedFd::borrow_raw(c.fd) });
+        }
+        let (fd, pos, positioned) = (c.fd, c.pos, c.positioned);
+        c.positioned = false;
+        c.outbox.clear();
+        if positioned {
+            self.queue.drop_ref(pos);
+        }
+        Some((id, fd, status))
+    }
+
+    /// Marks every client removed (status removed).
+    pub(super) fn mark_all_removed(&mut self) -> Vec<Removal> {
+        let ids: Vec<ClientId> = self.clients.keys().copied().collect();
+        ids.into_iter()
+            .filter_map(|id| self.mark_removed(id, ClientStatus::Removed))
+            .collect()
+    }
+
+    /// Marks a client removed and leaves its signals to the IO thread.
+    fn evict(&mut self, id: ClientId, status: ClientStatus) {
+        if let Some(r) = self.mark_removed(id, status) {
+            self.removed.push(r);
+        }
+    }
+
+    /// Drops a removed client for good; its fd number may be added again.
+    pub(super) fn forget(&mut self, id: ClientId) {
+        if let Some(c) = self.clients.remove(&id)
+            && self.by_fd.get(&c.fd) == Some(&id)
+        {
+            self.by_fd.remove(&c.fd);
+        }
+    }
+
+    pub(super) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    pub(super) fn timeout(&self) -> Option<Duration> {
+        self.settings.timeout.filter(|_| !self.clients.is_empty())
+    }
+
+    /// Handles an epoll event for a client.
+    pub(super) fn client_event(&mut self, id: ClientId, flags: EpollFlags) {
+        let Some(c) = self.clients.get(&id) else {
+            return;
+        };
+        if c.phase == Phase::Removing {
+            return;
+        }
+        let fd = c.fd;
+        if flags.contains(EpollFlags::EPOLLIN)
+            && self.settings.handle_read
+            && let Some(status) = discard_input(fd, &mut self.scratch)
+        {
+            log!(
+                self.listener,
+                Info,
+                "client fd {fd}: {}",
+                if status == ClientStatus::Closed {
+                    "closed by peer"
+                } else {
+                    "read error"
+                }
+            );
+            self.evict(id, status);
+            return;
+        }
+        if flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
+            let status = if flags.contains(EpollFlags::EPOLLERR) {
+                ClientStatus::Error
+            } else {
+                ClientStatus::Closed
+            };
+            log!(self.listener, Info, "client fd {fd}: hung up ({flags:?})");
+            self.evict(id, status);
+            return;
+        }
+        if flags.contains(EpollFlags::EPOLLOUT) {
+            let c = self.clients.get_mut(&id).unwrap();
+            if c.phase == Phase::Blocked {
+                c.phase = Phase::Ready;
+                watch_writable(&self.epoll, c, false);
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    /// Takes the next ready client off the list, if any.
+    pub(super) fn pop_ready(&mut self) -> Option<ClientId> {
+        while let Some(id) = self.ready.pop_front() {
+            if self
+                .clients
+                .get(&id)
+                .is_some_and(|c| c.phase == Phase::Ready)
+            {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Writes to one ready client until it is caught up, blocked or out of budget.
+    pub(super) fn serve(&mut self, id: ClientId) {
+        let resend = self.settings.resend_streamheader;
+        let c = self.clients.get_mut(&id).unwrap();
+        let turn = write_turn(c, &mut self.queue, resend, self.now, &mut self.bytes_served);
+        let fd = c.fd;
+        match turn {
+            Turn::CaughtUp => {
+                c.phase = Phase::Idle;
+                self.idle.push(id);
+            }
+            Turn::Blocked => {
+                c.phase = Phase::Blocked;
+                watch_writable(&self.epoll, c, true);
+            }
+            Turn::Yield => self.ready.push_back(id),
+            Turn::Flushed => {
+                log!(self.listener, Info, "client fd {fd}: flushed");
+                self.evict(id, ClientStatus::Removed);
+            }
+            Turn::Failed(e) => {
+                log!(self.listener, Info, "client fd {fd}: write failed: {e}");
+                // A reset is the peer closing; anything else is an error of the fd.
+                let status = if e == Errno::ECONNRESET {
+                    ClientStatus::Closed
+                } else {
+                    ClientStatus::Error
+                };
+                self.evict(id, status);
+            }
+        }
+    }
+
+    /// Removes clients that wrote nothing for longer than the timeout.
+    pub(super) fn expire_idle(&mut self, now: Instant) {
+        let Some(timeout) = self.settings.timeout else {
+            return;
+        };
+        let expired: Vec<ClientId> = self
+            .clients
+            .values()
+            .filter(|c| c.phase != Phase::Removing && c.phase != Phase::Adding)
+            .filter(|c| now.saturating_duration_since(c.last_activity) > timeout)
+            .map(|c| c.id)
+            .collect();
+        for id in expired {
+            log!(
+                self.listener,
+                Info,
+                "client fd {}: timed out",
+                self.clients[&id].fd
+            );
+            self.evict(id, ClientStatus::Slow);
+        }
+    }
+}

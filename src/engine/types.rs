@@ -1,0 +1,226 @@
+//! The engine's public data types: what the elements hand in (buffers, settings,
+//! placements) and what they get back (outcomes, figures, events).
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The bytes of one buffer, shared by every client that sends it.
+///
+/// The elements store a mapped `gst::Buffer` here, so a buffer is mapped once and
+/// all clients write from the same memory.
+pub type Payload = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// The streamheader of one caps generation: sent once before the first buffer of
+/// that generation to every client. Compared by pointer identity.
+pub type Streamheader = Arc<Vec<Payload>>;
+
+/// One buffer of the stream, as queued.
+#[derive(Clone)]
+pub struct Chunk {
+    pub data: Payload,
+    /// A sync point: a client may start here (`!DELTA_UNIT` and not a header).
+    pub keyframe: bool,
+    /// Flagged `HEADER`: repeats the caps' streamheader when there is one.
+    pub header: bool,
+    /// Presentation timestamp in nanoseconds, if known.
+    pub pts: Option<u64>,
+}
+
+impl Chunk {
+    pub fn new(data: Payload, keyframe: bool, header: bool, pts: Option<u64>) -> Self {
+        Chunk {
+            data,
+            keyframe,
+            header,
+            pts,
+        }
+    }
+
+    pub fn from_vec(data: Vec<u8>, keyframe: bool, header: bool, pts: Option<u64>) -> Self {
+        Chunk::new(Arc::new(data), keyframe, header, pts)
+    }
+
+    pub fn len(&self) -> usize {
+        (*self.data).as_ref().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How a new client is placed in the stream (values as in `multifdsink`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMethod {
+    /// From the next buffer that arrives.
+    #[default]
+    Latest,
+    /// From the next keyframe that arrives.
+    NextKeyframe,
+    /// From the most recent keyframe in the queue, or the next one.
+    LatestKeyframe,
+    /// At least the burst minimum back from the newest buffer.
+    Burst,
+    /// Like burst, but on a keyframe at or before the burst minimum (within the maximum).
+    BurstKeyframe,
+    /// Like burst-keyframe, falling back to plain burst when no keyframe fits.
+    BurstWithKeyframe,
+}
+
+/// What happens to a client that falls behind the soft limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoverPolicy {
+    #[default]
+    None,
+    /// Jump to the next buffer that arrives.
+    Latest,
+    /// Jump to the soft limit.
+    SoftLimit,
+    /// Jump to the most recent keyframe.
+    Keyframe,
+}
+
+/// Why a client went away (values as in `multifdsink`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientStatus {
+    Ok = 0,
+    Closed = 1,
+    Removed = 2,
+    Slow = 3,
+    Error = 4,
+    Duplicate = 5,
+    Flushing = 6,
+}
+
+/// The unit of a limit or burst amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Buffers,
+    Bytes,
+    /// Nanoseconds of buffer timestamps.
+    Time,
+}
+
+/// An amount of queue: `None` is "no limit".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Amount {
+    pub unit: Unit,
+    pub value: u64,
+}
+
+impl Amount {
+    pub fn new(unit: Unit, value: u64) -> Self {
+        Amount { unit, value }
+    }
+}
+
+/// Per-client settings, as given to `add-full`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClientConfig {
+    pub sync: SyncMethod,
+    /// The least that a burst sends (burst methods only).
+    pub burst_min: Option<Amount>,
+    /// The most that a burst sends (burst methods only).
+    pub burst_max: Option<Amount>,
+}
+
+/// The file descriptor of a client, as the application gave it.
+pub type Fd = RawFd;
+
+/// Receives what happens to clients. Called without any engine lock held, so a
+/// handler may call back into the engine.
+pub trait Listener: Send + Sync {
+    fn client_added(&self, fd: Fd);
+    fn client_removed(&self, fd: Fd, status: ClientStatus);
+    fn client_fd_removed(&self, fd: Fd);
+    /// Diagnostics; `args` is formatted only if the listener wants it. Unlike the
+    /// signals above, this may be called with the engine lock held: it must not call
+    /// back into the engine.
+    fn log(&self, _level: LogLevel, _args: fmt::Arguments<'_>) {}
+}
+
+/// How much a log line matters (the elements map it to GStreamer debug levels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Warning,
+    Info,
+    Debug,
+    Log,
+}
+
+/// Engine-wide settings; may change while streaming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// A client with more than this still to send is removed as slow.
+    pub units_max: Option<Amount>,
+    /// A client with more than this still to send is recovered by `recover_policy`.
+    pub units_soft_max: Option<Amount>,
+    pub recover_policy: RecoverPolicy,
+    /// Keep at least this much queued even when no client needs it (for bursts).
+    pub buffers_min: Option<u64>,
+    pub bytes_min: Option<u64>,
+    pub time_min: Option<u64>,
+    /// Keep the newest keyframe queued (the default sync method starts on one).
+    pub keep_keyframe: bool,
+    /// Remove clients that wrote nothing for this long.
+    pub timeout: Option<Duration>,
+    /// Read and discard what clients send; notice when they close.
+    pub handle_read: bool,
+    pub resend_streamheader: bool,
+    /// DSCP for client sockets.
+    pub qos_dscp: Option<u8>,
+    /// How a client joins when nobody chose for it (the server's accepted sockets):
+    /// the element's `sync-method` and burst.
+    pub default_placement: ClientConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            units_max: None,
+            units_soft_max: None,
+            recover_policy: RecoverPolicy::None,
+            buffers_min: None,
+            bytes_min: None,
+            time_min: None,
+            keep_keyframe: false,
+            timeout: None,
+            handle_read: true,
+            resend_streamheader: true,
+            qos_dscp: None,
+            default_placement: ClientConfig::default(),
+        }
+    }
+}
+
+/// The read-only figures of the element.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes_to_serve: u64,
+    pub bytes_served: u64,
+    pub buffers_queued: u64,
+    pub bytes_queued: u64,
+    pub time_queued: u64,
+    pub num_handles: u64,
+}
+
+/// What `Engine::add` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddOutcome {
+    Added,
+    /// The fd is already a client; `client-removed(duplicate)` was emitted.
+    Duplicate,
+    /// The engine is not started (element in NULL); nothing was done.
+    NotRunning,
+}
+
+/// `log!(to, Level, "format", args)`: logs through anything with a
+/// `log(LogLevel, fmt::Arguments)` method (a `Listener`, the service's `Registry`).
+macro_rules! log {
+    ($to:expr, $level:ident, $($arg:tt)*) => {
+        $to.log($crate::engine::LogLevel::$level, format_args!($($arg)*))
+    };
+}
+pub(crate) use log;

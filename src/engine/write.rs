@@ -1,0 +1,207 @@
+//! The write path: one client's turn of writing from the queue.
+
+use std::io::IoSlice;
+use std::time::Instant;
+
+use nix::errno::Errno;
+
+use super::client::{Client, Unsent, Watch};
+use super::client_fd::write_iov;
+use super::queue::{BufferQueue, same_streamheader};
+
+/// Most buffers handed to one `writev`/`sendmsg` (Linux's IOV_MAX).
+const MAX_IOV: usize = 1024;
+/// Bytes one client may write in one turn before the others get theirs.
+const TURN_BUDGET: usize = 4 << 20;
+
+/// What a turn of writing did to a client.
+pub(super) enum Turn {
+    /// Everything sent; wait for the next buffer.
+    CaughtUp,
+    /// The fd is full.
+    Blocked,
+    /// Used its budget; more to send.
+    Yield,
+    /// `remove-flush` finished.
+    Flushed,
+    Failed(Errno),
+}
+
+/// Writes to one client until it is caught up, blocked or out of budget, as one
+/// `sendmsg`/`writev` after another from its outbox and the queue. Adds what it
+/// wrote to `served`; `now` is the batch's clock reading, for the client's activity.
+pub(super) fn write_turn(
+    c: &mut Client,
+    queue: &mut BufferQueue,
+    resend: bool,
+    now: Instant,
+    served: &mut u64,
+) -> Turn {
+    if let Watch::Broken(e) = c.watch {
+        return Turn::Failed(e);
+    }
+    let mut budget = TURN_BUDGET;
+    loop {
+        // Streamheaders of a new caps generation go out before its first buffer.
+        if let Some(entry) = queue.get(c.pos)
+            && !same_streamheader(&entry.streamheader, &c.streamheader)
+        {
+            if let Some(sh) = &entry.streamheader
+                && (!c.had_streamheader || resend)
+            {
+                c.outbox.extend(sh.iter().map(|h| Unsent {
+                    data: h.clone(),
+                    offset: 0,
+                }));
+                c.had_streamheader = true;
+            }
+            c.streamheader = entry.streamheader.clone();
+        }
+        let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
+        let mut iov = IoVec::new();
+        let mut total = 0usize;
+        for p in &c.outbox {
+            let bytes = &(*p.data).as_ref()[p.offset..];
+            total += bytes.len();
+            iov.push(IoSlice::new(bytes));
+        }
+        let mut entries = 0u64;
+        while iov.len() < MAX_IOV && c.pos + entries < limit && total < budget {
+            let entry = queue.get(c.pos + entries).unwrap();
+            if !same_streamheader(&entry.streamheader, &c.streamheader) {
+                break;
+            }
+            let bytes = (*entry.chunk.data).as_ref();
+            total += bytes.len();
+            iov.push(IoSlice::new(bytes));
+            entries += 1;
+        }
+        if iov.is_empty() {
+            return if c.flush_until.is_some() {
+                Turn::Flushed
+            } else {
+                Turn::CaughtUp
+            };
+        }
+        let result = if total == 0 {
+            Ok(0)
+        } else {
+            write_iov(c.fd, c.kind, iov.as_slice())
+        };
+        drop(iov);
+        match result {
+            Ok(n) => {
+                consume(c, queue, n, entries);
+                *served += n as u64;
+                if n > 0 {
+                    c.bytes_sent += n as u64;
+                    c.last_activity = now;
+                }
+                if n < total && c.watch == Watch::Epoll {
+                    // A short write means the fd is full; edge-triggered epoll
+                    // tells us when it drains.
+                    return Turn::Blocked;
+                }
+                budget = budget.saturating_sub(n);
+                if budget == 0 {
+                    return Turn::Yield;
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Turn::Blocked,
+            Err(e) => return Turn::Failed(e),
+        }
+    }
+}
+
+/// The iovec of one write: on the stack for the usual handful of buffers, so the
+/// common write (one new buffer to a caught-up client) allocates nothing; on the
+/// heap only for a client catching up on many.
+struct IoVec<'a> {
+    inline: [IoSlice<'a>; INLINE_IOV],
+    len: usize,
+    heap: Vec<IoSlice<'a>>,
+}
+
+const INLINE_IOV: usize = 16;
+
+impl<'a> IoVec<'a> {
+    fn new() -> Self {
+        IoVec {
+            inline: [IoSlice::new(&[]); INLINE_IOV],
+            len: 0,
+            heap: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, s: IoSlice<'a>) {
+        if self.len < INLINE_IOV {
+            self.inline[self.len] = s;
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(MAX_IOV);
+                self.heap.extend_from_slice(&self.inline);
+            }
+            self.heap.push(s);
+        }
+        self.len += 1;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn as_slice(&self) -> &[IoSlice<'a>] {
+        if self.len <= INLINE_IOV {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+}
+
+/// Accounts `n` written bytes: the outbox first, then `entries` queued buffers. A
+/// buffer written in part moves to the outbox, so positions stay on boundaries.
+fn consume(c: &mut Client, queue: &mut BufferQueue, n: usize, entries: u64) {
+    let mut left = n;
+    while let Some(front) = c.outbox.front_mut() {
+        let remaining = (*front.data).as_ref().len() - front.offset;
+        if left >= remaining {
+            left -= remaining;
+            c.outbox.pop_front();
+        } else {
+            front.offset += left;
+            return;
+        }
+    }
+    for _ in 0..entries {
+        let entry = queue.get(c.pos).unwrap();
+        let len = entry.chunk.len();
+        if left == 0 && len > 0 {
+            return;
+        }
+        let pts = entry.chunk.pts;
+        if c.first_buffer_ts.is_none() {
+            c.first_buffer_ts = pts;
+        }
+        if left < len {
+            c.outbox.push_back(Unsent {
+                data: entry.chunk.data.clone(),
+                offset: left,
+            });
+            left = 0;
+        } else {
+            left -= len;
+        }
+        if pts.is_some() {
+            c.last_buffer_ts = pts;
+        }
+        queue.drop_ref(c.pos);
+        c.pos += 1;
+        queue.add_ref(c.pos);
+    }
+}
