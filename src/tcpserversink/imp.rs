@@ -32,7 +32,6 @@ const DEFAULT_PORT: i32 = 4953;
 const DEFAULT_BACKLOG: i32 = server::DEFAULT_BACKLOG;
 const DEFAULT_HTTP: bool = false;
 const DEFAULT_HEADER_TIMEOUT: u64 = server::DEFAULT_HEADER_TIMEOUT.as_nanos() as u64;
-const DEFAULT_MAX_HEADER_SIZE: u32 = server::DEFAULT_MAX_HEADER_SIZE as u32;
 
 /// Where and how to listen: read when the element starts (NULL→READY).
 #[derive(Debug, Clone)]
@@ -201,7 +200,7 @@ impl ObjectImpl for RsTcpServerSink {
                     .blurb("In HTTP mode, the largest request head accepted, in bytes")
                     .minimum(64)
                     .maximum(1 << 20)
-                    .default_value(DEFAULT_MAX_HEADER_SIZE)
+                    .default_value(server::DEFAULT_MAX_HEADER_SIZE)
                     .build(),
             ]
         });
