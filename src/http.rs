@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The little HTTP that `rstcpserversink` speaks: read one request head, answer with
 //! a status line and headers, then stream. Plain Rust, fed untrusted bytes, so it
 //! never panics and bounds everything.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`.
 
 pub mod engine;

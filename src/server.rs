@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The listening side of `rstcpserversink`, run by the engine's IO thread: accepts
 //! connections without blocking, optionally reads an HTTP request head from each
 //! (bounded size, deadline) and answers it, then hands the socket to the engine.

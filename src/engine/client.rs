@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! One client: where it stands in the stream, what it still owes from a partial
 //! write, and its figures for `get-stats`.
 

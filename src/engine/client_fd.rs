@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The system calls on a client's fd: classify it, make it non-blocking, watch it
 //! with epoll, set its DSCP, write an iovec to it and read and drop its input.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Which worker holds each client fd.
 
 use std::collections::HashMap;

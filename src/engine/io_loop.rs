@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The IO thread of a worker: waits on epoll, writes to ready clients in batches,
 //! reads and discards client input, expires idle clients, emits removal signals with
 //! no lock held and, on the first worker, serves the service.

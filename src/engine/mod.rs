@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The fan-out engine: a shared buffer queue, a read position per client and an
 //! epoll IO thread that writes to the clients.
 //!

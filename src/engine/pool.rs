@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The workers and which one holds each client.
 
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};

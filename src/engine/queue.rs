@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The shared buffer queue.
 //!
 //! Buffers get increasing sequence numbers; a client's position is the sequence number

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Where clients stand in the queue: where a new client starts, where the limits
 //! fall, where a slow client recovers to and how much of the queue stays.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! A service: more fds for the first IO thread to serve besides clients (the server
 //! sink's listening sockets and the connections still sending a request), and the
 //! narrow handle through which it reaches the engine.

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! A worker's state under its one lock: the queue, the clients and the lists that
 //! say which clients need the IO thread, with every rule that moves clients through
 //! the stream.

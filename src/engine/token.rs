@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The numbers given to epoll with each fd: the one place that chooses them, so the
 //! IO thread can tell a client from the waker and from the service's fds.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The engine's public data types: what the elements hand in (buffers, settings,
 //! placements) and what they get back (outcomes, figures, events).
 

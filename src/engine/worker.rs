@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! One worker: the clients one IO thread writes to, with its own copy of the queue,
 //! and what the engine asks of it.
 //!

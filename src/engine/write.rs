@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The write path: one client's turn of writing from the queue.
 
 use std::io::IoSlice;
