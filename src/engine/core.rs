@@ -24,8 +24,8 @@ use nix::sys::stat::{SFlag, fstat};
 use super::client::{Client, ClientId, FdKind, IdMap, Pending, Phase, Watch};
 use super::queue::{BufferQueue, same_streamheader};
 use super::{
-    Amount, Chunk, ClientConfig, ClientStats, ClientStatus, Fd, RecoverPolicy, Streamheader,
-    SyncMethod, Unit,
+    Amount, Chunk, ClientConfig, ClientStats, ClientStatus, Fd, Payload, RecoverPolicy,
+    Streamheader, SyncMethod, Unit,
 };
 
 /// The epoll token of the waker eventfd; client tokens are their ids.
@@ -41,6 +41,11 @@ pub trait Listener: Send + Sync {
     fn client_added(&self, fd: Fd);
     fn client_removed(&self, fd: Fd, status: ClientStatus);
     fn client_fd_removed(&self, fd: Fd);
+    /// With `Settings::keep_input`: bytes a client sent (on the IO thread).
+    fn client_input(&self, _fd: Fd, _data: Vec<u8>) {}
+    /// With `Settings::report_sent`: a buffer, queued or streamheader, was written
+    /// whole to the client (on the IO thread).
+    fn buffer_sent(&self, _fd: Fd, _data: &Payload) {}
     /// Diagnostics; `args` is formatted only if the listener wants it. Unlike the
     /// signals above, this may be called with the engine lock held: it must not call
     /// back into the engine.
@@ -73,6 +78,10 @@ pub struct Settings {
     pub timeout: Option<Duration>,
     /// Read and discard what clients send; notice when they close.
     pub handle_read: bool,
+    /// With `handle_read`, hand what clients send to `Listener::client_input`.
+    pub keep_input: bool,
+    /// Tell `Listener::buffer_sent` of every buffer written whole to a client.
+    pub report_sent: bool,
     pub resend_streamheader: bool,
     /// DSCP for client sockets.
     pub qos_dscp: Option<u8>,
@@ -92,6 +101,8 @@ impl Default for Settings {
             keep_keyframe: false,
             timeout: None,
             handle_read: true,
+            keep_input: false,
+            report_sent: false,
             resend_streamheader: true,
             qos_dscp: None,
             default_placement: ClientConfig::default(),
@@ -134,6 +145,10 @@ pub(crate) struct State {
     joining: Vec<ClientId>,
     /// Removed by the streaming side or the IO thread; the IO thread emits signals.
     pub removed: Vec<(ClientId, RawFd, ClientStatus)>,
+    /// With `keep_input` / `report_sent`: what the IO thread reports after a pass,
+    /// with no lock held.
+    pub input: Vec<(RawFd, Vec<u8>)>,
+    pub sent: Vec<(RawFd, Payload)>,
     running: bool,
     bytes_to_serve: u64,
     bytes_served: u64,
@@ -340,6 +355,8 @@ impl Shard {
             idle: Vec::new(),
             joining: Vec::new(),
             removed: Vec::new(),
+            input: Vec::new(),
+            sent: Vec::new(),
             running: false,
             bytes_to_serve: 0,
             bytes_served: 0,
@@ -423,6 +440,8 @@ impl Shard {
             st.idle.clear();
             st.ready.clear();
             st.joining.clear();
+            st.input.clear();
+            st.sent.clear();
             removed
         };
         self.shared.finish_removals(removed);
@@ -992,19 +1011,29 @@ impl State {
         }
     }
 
-    /// Reads and drops what the client sent. Some(status) when it is gone.
+    /// Reads what the client sent: dropped, or kept for `client_input` with
+    /// `keep_input`. Some(status) when it is gone.
     fn discard_input(&mut self, fd: RawFd) -> Option<ClientStatus> {
-        loop {
+        let mut kept = Vec::new();
+        let status = loop {
             match nix::unistd::read(unsafe { BorrowedFd::borrow_raw(fd) }, &mut self.scratch) {
-                Ok(0) => return Some(ClientStatus::Closed),
-                Ok(_) => continue,
+                Ok(0) => break Some(ClientStatus::Closed),
+                Ok(n) => {
+                    if self.settings.keep_input {
+                        kept.extend_from_slice(&self.scratch[..n]);
+                    }
+                }
                 Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return None,
+                Err(Errno::EAGAIN) => break None,
                 // Write-only fds (a pipe's write end) cannot be read: nothing to discard.
-                Err(Errno::EBADF) | Err(Errno::EINVAL) => return None,
-                Err(_) => return Some(ClientStatus::Error),
+                Err(Errno::EBADF) | Err(Errno::EINVAL) => break None,
+                Err(_) => break Some(ClientStatus::Error),
             }
+        };
+        if !kept.is_empty() {
+            self.input.push((fd, kept));
         }
+        status
     }
 
     /// Takes the next ready client off the list, if any.
@@ -1059,6 +1088,7 @@ impl State {
 
     fn write_turn(&mut self, id: ClientId) -> Turn {
         let resend = self.settings.resend_streamheader;
+        let mut sent = self.settings.report_sent.then_some(&mut self.sent);
         let queue = &mut self.queue;
         let c = self.clients.get_mut(&id).unwrap();
         if let Watch::Broken(e) = c.watch {
@@ -1115,7 +1145,7 @@ impl State {
             drop(iov);
             match result {
                 Ok(n) => {
-                    consume(c, queue, n, entries);
+                    consume(c, queue, n, entries, sent.as_deref_mut());
                     self.bytes_served += n as u64;
                     if n > 0 {
                         c.bytes_sent += n as u64;
@@ -1216,13 +1246,23 @@ impl<'a> IoVec<'a> {
 
 /// Accounts `n` written bytes: the outbox first, then `entries` queued buffers. A
 /// buffer written in part moves to the outbox, so positions stay on boundaries.
-fn consume(c: &mut Client, queue: &mut BufferQueue, n: usize, entries: u64) {
+/// Buffers written whole go to `sent`, if given.
+fn consume(
+    c: &mut Client,
+    queue: &mut BufferQueue,
+    n: usize,
+    entries: u64,
+    mut sent: Option<&mut Vec<(RawFd, Payload)>>,
+) {
     let mut left = n;
     while let Some(front) = c.outbox.front_mut() {
         let remaining = (*front.data).as_ref().len() - front.offset;
         if left >= remaining {
             left -= remaining;
-            c.outbox.pop_front();
+            let done = c.outbox.pop_front().unwrap();
+            if let Some(sent) = sent.as_deref_mut() {
+                sent.push((c.fd, done.data));
+            }
         } else {
             front.offset += left;
             return;
@@ -1246,6 +1286,9 @@ fn consume(c: &mut Client, queue: &mut BufferQueue, n: usize, entries: u64) {
             left = 0;
         } else {
             left -= len;
+            if let Some(sent) = sent.as_deref_mut() {
+                sent.push((c.fd, entry.chunk.data.clone()));
+            }
         }
         if pts.is_some() {
             c.last_buffer_ts = pts;

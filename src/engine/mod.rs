@@ -22,8 +22,14 @@ pub use self::router::Engine;
 /// The bytes of one buffer, shared by every client that sends it.
 ///
 /// The elements store a mapped `gst::Buffer` here, so a buffer is mapped once and
-/// all clients write from the same memory.
-pub type Payload = Arc<dyn AsRef<[u8]> + Send + Sync>;
+/// all clients write from the same memory; `Any` gives them their buffer back
+/// when the engine reports it sent ([`Listener::buffer_sent`]).
+pub type Payload = Arc<dyn PayloadBytes>;
+
+/// What a [`Payload`] holds: bytes of any owner type.
+pub trait PayloadBytes: AsRef<[u8]> + std::any::Any + Send + Sync {}
+
+impl<T: AsRef<[u8]> + std::any::Any + Send + Sync> PayloadBytes for T {}
 
 /// The streamheader of one caps generation: sent once before the first buffer of
 /// that generation to every client. Compared by pointer identity.

@@ -48,6 +48,14 @@ impl Listener for ShardListener {
         self.inner.client_fd_removed(fd);
     }
 
+    fn client_input(&self, fd: Fd, data: Vec<u8>) {
+        self.inner.client_input(fd, data);
+    }
+
+    fn buffer_sent(&self, fd: Fd, data: &Payload) {
+        self.inner.buffer_sent(fd, data);
+    }
+
     fn log(&self, level: LogLevel, args: fmt::Arguments<'_>) {
         self.inner.log(level, args);
     }
