@@ -769,3 +769,209 @@ fn same_bytes_and_signals_as_the_c_multisocketsink() {
     );
     assert_eq!(rs_events, c_events);
 }
+
+/// A `GstNetworkMessage` or `GstNetworkMessageDispatched` event that reached the
+/// test's src pad.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetworkEvent {
+    name: String,
+    socket: usize,
+    bytes: Vec<u8>,
+    buffer: usize,
+}
+
+#[derive(Clone, Default)]
+struct NetworkEvents {
+    inner: Arc<(Mutex<Vec<NetworkEvent>>, Condvar)>,
+}
+
+impl NetworkEvents {
+    /// Records the network events arriving upstream at `fed`'s src pad.
+    fn watch(fed: &Fed) -> NetworkEvents {
+        let events = NetworkEvents::default();
+        let e = events.clone();
+        fed.src
+            .add_probe(gst::PadProbeType::EVENT_UPSTREAM, move |_, info| {
+                let Some(gst::PadProbeData::Event(event)) = &info.data else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let Some(s) = event.structure() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                if s.name().starts_with("GstNetworkMessage") {
+                    let object = s.value("object").unwrap();
+                    // As C declares it: a GObject, not a GSocket.
+                    assert_eq!(object.type_(), glib::Object::static_type());
+                    let object = object.get::<glib::Object>().unwrap();
+                    assert!(object.is::<gio::Socket>());
+                    let buffer = s.get::<gst::Buffer>("buffer").unwrap();
+                    let bytes = buffer.map_readable().unwrap().to_vec();
+                    let (lock, cv) = &*e.inner;
+                    lock.lock().unwrap().push(NetworkEvent {
+                        name: s.name().to_string(),
+                        socket: object.as_ptr() as usize,
+                        bytes,
+                        buffer: buffer.as_ptr() as usize,
+                    });
+                    cv.notify_all();
+                }
+                gst::PadProbeReturn::Ok
+            })
+            .unwrap();
+        events
+    }
+
+    fn all(&self) -> Vec<NetworkEvent> {
+        self.inner.0.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` events arrived and returns them.
+    fn wait(&self, n: usize) -> Vec<NetworkEvent> {
+        let (lock, cv) = &*self.inner;
+        let start = Instant::now();
+        let mut events = lock.lock().unwrap();
+        while events.len() < n {
+            let left = DEADLINE.saturating_sub(start.elapsed());
+            assert!(
+                !left.is_zero(),
+                "{} of {n} events: {events:?}",
+                events.len()
+            );
+            events = cv.wait_timeout(events, left).unwrap().0;
+        }
+        events.clone()
+    }
+}
+
+/// `send-dispatched`: every buffer written whole to a client, streamheader first,
+/// comes back upstream as the very buffer queued, naming the client's socket.
+#[test]
+fn send_dispatched_announces_each_buffer_sent_to_each_client() {
+    let fed = Fed::new(SINK, &[("send-dispatched", "true")]);
+    assert!(fed.sink.property::<bool>("send-dispatched"));
+    let net = NetworkEvents::watch(&fed);
+    let caps = streamheader_caps(&[b"HEAD"]);
+    let head = caps.structure(0).unwrap().get::<gst::Array>("streamheader");
+    let head = head.unwrap().first().unwrap().get::<gst::Buffer>().unwrap();
+    fed.caps(caps);
+    let (s1, p1) = socket_pair();
+    let (s2, p2) = socket_pair();
+    add(&fed, &s1);
+    let one = buffer(b"one", false, false);
+    fed.push_buffer(one.clone());
+    assert_eq!(read_exact(&p1, 7), b"HEADone");
+    add(&fed, &s2);
+    let two = buffer(b"two", false, false);
+    fed.push_buffer(two.clone());
+    assert_eq!(read_exact(&p1, 3), b"two");
+    assert_eq!(read_exact(&p2, 7), b"HEADtwo");
+    let events = net.wait(5);
+    let sent = |socket: &gio::Socket, b: &gst::Buffer| NetworkEvent {
+        name: "GstNetworkMessageDispatched".into(),
+        socket: id(socket),
+        bytes: b.map_readable().unwrap().to_vec(),
+        buffer: b.as_ptr() as usize,
+    };
+    let of = |socket: &gio::Socket| {
+        events
+            .iter()
+            .filter(|e| e.socket == id(socket))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        of(&s1),
+        [sent(&s1, &head), sent(&s1, &one), sent(&s1, &two)]
+    );
+    assert_eq!(of(&s2), [sent(&s2, &head), sent(&s2, &two)]);
+    fed.stop();
+    assert_eq!(net.all().len(), 5);
+}
+
+#[test]
+fn no_dispatched_events_by_default() {
+    let fed = Fed::new(SINK, &[]);
+    assert!(!fed.sink.property::<bool>("send-dispatched"));
+    let net = NetworkEvents::watch(&fed);
+    fed.plain_caps();
+    let (socket, peer) = socket_pair();
+    add(&fed, &socket);
+    fed.push(b"quiet", false);
+    assert_eq!(read_exact(&peer, 5), b"quiet");
+    fed.wait_u64("bytes-served", 5);
+    // The IO thread is gone after NULL: whatever it would have pushed, it has.
+    fed.stop();
+    assert_eq!(net.all(), []);
+}
+
+/// `send-messages`: what a client sends comes upstream as a `GstNetworkMessage`;
+/// without it, it is read and dropped.
+#[test]
+fn send_messages_forwards_what_clients_send() {
+    let fed = Fed::new(SINK, &[("send-messages", "true")]);
+    let net = NetworkEvents::watch(&fed);
+    let rec = Recorder::attach(&fed.sink);
+    fed.plain_caps();
+    let (socket, mut peer) = socket_pair();
+    let (other, _other_peer) = socket_pair();
+    add(&fed, &socket);
+    add(&fed, &other);
+    peer.write_all(b"hello").unwrap();
+    let message = |bytes: &[u8], e: &NetworkEvent| NetworkEvent {
+        name: "GstNetworkMessage".into(),
+        socket: id(&socket),
+        bytes: bytes.to_vec(),
+        buffer: e.buffer,
+    };
+    let events = net.wait(1);
+    assert_eq!(events, [message(b"hello", &events[0])]);
+    peer.write_all(b"world").unwrap();
+    let events = net.wait(2);
+    assert_eq!(events[1], message(b"world", &events[1]));
+    // The client goes on being served.
+    fed.push(b"data", false);
+    assert_eq!(read_exact(&peer, 4), b"data");
+    fed.sink.set_property("send-messages", false);
+    peer.write_all(b"dropped").unwrap();
+    drop(peer);
+    rec.wait_socket_removed(&socket);
+    assert_eq!(net.all().len(), 2, "{:?}", net.all());
+    assert_eq!(fed.u32("num-handles"), 1);
+    fed.stop();
+}
+
+/// Runs a send-messages and send-dispatched scenario on `factory`: the events that
+/// came upstream, in order, with the socket and buffer identities left out.
+fn network_scenario(factory: &str) -> Vec<(String, Vec<u8>)> {
+    let fed = Fed::new(
+        factory,
+        &[("send-messages", "true"), ("send-dispatched", "true")],
+    );
+    let net = NetworkEvents::watch(&fed);
+    fed.caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
+    let (socket, mut peer) = socket_pair();
+    add(&fed, &socket);
+    fed.push(b"first", false);
+    assert_eq!(read_exact(&peer, 15), b"HEAD1HEAD2first");
+    net.wait(3);
+    peer.write_all(b"request").unwrap();
+    net.wait(4);
+    fed.push(b"second", true);
+    assert_eq!(read_exact(&peer, 6), b"second");
+    let events = net.wait(5);
+    fed.stop();
+    assert!(events.iter().all(|e| e.socket == id(&socket)));
+    events.into_iter().map(|e| (e.name, e.bytes)).collect()
+}
+
+#[test]
+fn network_events_as_the_c_multisocketsink() {
+    init();
+    let ours = network_scenario(SINK);
+    let theirs = network_scenario("multisocketsink");
+    assert_eq!(ours, theirs);
+    assert_eq!(
+        ours[3],
+        ("GstNetworkMessage".to_string(), b"request".to_vec())
+    );
+}

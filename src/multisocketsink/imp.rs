@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MPL-2.0
 
 //! GObject glue of `rsmultisocketsink`: `GSocket`-typed action and `client-*`
-//! signals over the base class's fd clients, and `send-messages`/`send-dispatched`.
+//! signals over the base class's fd clients, and `send-messages`/`send-dispatched`,
+//! which turn what clients send and what was sent to them into upstream events.
 //!
 //! The base class and the engine know a client by its fd. This element keeps the
 //! `GSocket` of every client (a reference, so the fd stays open and the number is
@@ -15,11 +16,14 @@ use std::sync::{LazyLock, Mutex};
 
 use gio::prelude::*;
 use gst::glib;
+use gst::glib::translate::UnsafeFrom;
+use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 
 use crate::multihandlesink::{
-    ClientStatus, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt, client_action_signals,
+    ClientStatus, RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt,
+    client_action_signals,
 };
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -74,6 +78,19 @@ pub struct RsMultiSocketSink {
     send_messages: Mutex<bool>,
 }
 
+/// The custom upstream event of C multisocketsink: `name` with the client's socket
+/// (typed `GObject`, as C) and a buffer.
+fn network_event(name: &str, socket: gio::Socket, buffer: gst::Buffer) -> gst::Event {
+    let object = socket.upcast::<glib::Object>().to_value();
+    // SAFETY: as for `HeldSocket`: whoever reads the event gets a reference to the
+    // socket, which may be taken and dropped on any thread.
+    let object = unsafe { glib::SendValue::unsafe_from(object.into_raw()) };
+    let mut structure = gst::Structure::new_empty(name);
+    structure.set_value("object", object);
+    structure.set("buffer", buffer);
+    gst::event::CustomUpstream::new(structure)
+}
+
 impl RsMultiSocketSink {
     /// The socket of the oldest client with `fd`.
     fn socket_of(&self, fd: RawFd) -> Option<gio::Socket> {
@@ -82,6 +99,23 @@ impl RsMultiSocketSink {
             .get(&fd)
             .and_then(|s| s.front())
             .map(|s| s.0.clone())
+    }
+
+    /// Pushes `name` upstream for the client `fd`, if it is still a client.
+    fn push_network_event(&self, name: &str, fd: RawFd, buffer: gst::Buffer) {
+        let Some(socket) = self.socket_of(fd) else {
+            return;
+        };
+        let event = network_event(name, socket, buffer);
+        let handled = self
+            .obj()
+            .static_pad("sink")
+            .is_some_and(|pad| pad.push_event(event));
+        gst::log!(
+            CAT,
+            imp = self,
+            "client fd {fd}: {name} (handled: {handled})"
+        );
     }
 }
 
@@ -159,8 +193,16 @@ impl ObjectImpl for RsMultiSocketSink {
 
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         match pspec.name() {
-            "send-dispatched" => *self.send_dispatched.lock().unwrap() = value.get().unwrap(),
-            "send-messages" => *self.send_messages.lock().unwrap() = value.get().unwrap(),
+            "send-dispatched" => {
+                let on = value.get().unwrap();
+                *self.send_dispatched.lock().unwrap() = on;
+                self.obj().set_report_sent_buffers(on);
+            }
+            "send-messages" => {
+                let on = value.get().unwrap();
+                *self.send_messages.lock().unwrap() = on;
+                self.obj().set_keep_client_input(on);
+            }
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -247,5 +289,15 @@ impl RsMultiHandleSinkImpl for RsMultiSocketSink {
         // Our reference goes here; the socket stays open as long as the application
         // holds one.
         drop(socket);
+    }
+
+    fn client_input(&self, fd: RawFd, data: gst::Buffer) {
+        self.push_network_event("GstNetworkMessage", fd, data.clone());
+        self.parent_client_input(fd, data);
+    }
+
+    fn buffer_sent(&self, fd: RawFd, buffer: gst::Buffer) {
+        self.push_network_event("GstNetworkMessageDispatched", fd, buffer.clone());
+        self.parent_buffer_sent(fd, buffer);
     }
 }
