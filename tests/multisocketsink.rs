@@ -975,3 +975,30 @@ fn network_events_as_the_c_multisocketsink() {
         ("GstNetworkMessage".to_string(), b"request".to_vec())
     );
 }
+
+/// A socket closed before `add` is removed as an error (C: closed; README,
+/// "Differs from C"), and harms nobody.
+#[test]
+fn closed_socket_is_removed_as_an_error() {
+    let fed = Fed::new(SINK, &[]);
+    fed.plain_caps();
+    let rec = Recorder::attach(&fed.sink);
+    let (client, peer) = socket_pair();
+    add(&fed, &client);
+    let (closed, _closed_peer) = socket_pair();
+    closed.close().unwrap();
+    add(&fed, &closed);
+    let events = rec.wait_socket_removed(&closed);
+    assert_eq!(
+        events[1..],
+        [
+            Ev::Added(id(&closed)),
+            Ev::Removed(id(&closed), "error".into(), Some(0)),
+            Ev::SocketRemoved(id(&closed), 0)
+        ]
+    );
+    wait_released(&closed);
+    fed.push(b"fine", false);
+    assert_eq!(read_exact(&peer, 4), b"fine");
+    fed.stop();
+}
