@@ -1,17 +1,20 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`.
+//! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`;
+//! `rsmultisocketsink`, a drop-in `multisocketsink`; `rstcpserversink`.
 
 pub mod engine;
 pub mod http;
 pub mod multifdsink;
 pub mod multihandlesink;
+pub mod multisocketsink;
 mod server;
 pub mod tcpserversink;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     multifdsink::register(plugin)?;
     tcpserversink::register(plugin)?;
+    multisocketsink::register(plugin)?;
     Ok(())
 }
 

@@ -51,3 +51,9 @@ fn multifdsink_suite_passes_against_c_multifdsink() {
 fn multisocketsink_suite_passes_against_c_multisocketsink() {
     assert_suite_passes(&["multisocketsink"], 9);
 }
+
+#[test]
+fn multisocketsink_suite_passes_against_rsmultisocketsink() {
+    let dir = plugin_dir();
+    assert_suite_passes(&["rsmultisocketsink", dir.to_str().unwrap()], 9);
+}

@@ -167,3 +167,16 @@ fn rstcpserversink_has_tcpserversinks_properties() {
         },
     );
 }
+
+#[test]
+fn rsmultisocketsink_has_multisocketsinks_interface() {
+    assert_same_interface(
+        "rsmultisocketsink",
+        "multisocketsink",
+        Differences {
+            extra: &OURS,
+            signals: true,
+            ..Default::default()
+        },
+    );
+}

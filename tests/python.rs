@@ -1,4 +1,5 @@
-//! The Python (PyGObject) Flumotion-style streamer runs against the built plugin.
+//! The Python (PyGObject) programs run against the built plugin: the
+//! Flumotion-style streamer, and an app handing `Gio.Socket`s to rsmultisocketsink.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +11,10 @@ fn plugin_dir() -> PathBuf {
 }
 
 fn run_streamer(factory: &str) -> String {
+    run_script("streamer.py", factory)
+}
+
+fn run_script(script: &str, factory: &str) -> String {
     let dir = plugin_dir();
     assert!(
         dir.join("libgstrsmultifdsink.so").exists(),
@@ -20,9 +25,9 @@ fn run_streamer(factory: &str) -> String {
     // would not see it). $PYTHON overrides.
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "/usr/bin/python3".into());
     let out = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/python/streamer.py"
+        .arg(format!(
+            "{}/tests/python/{script}",
+            env!("CARGO_MANIFEST_DIR")
         ))
         .arg(factory)
         .env("GST_PLUGIN_PATH", &dir)
@@ -47,4 +52,15 @@ fn python_streamer_works_with_rsmultifdsink() {
 #[test]
 fn python_streamer_works_with_c_multifdsink() {
     assert!(run_streamer("multifdsink").starts_with("ok: "));
+}
+
+#[test]
+fn python_gio_sockets_work_with_rsmultisocketsink() {
+    assert!(run_script("socket_streamer.py", "rsmultisocketsink").starts_with("ok: "));
+}
+
+/// The same script against the C element, as above.
+#[test]
+fn python_gio_sockets_work_with_c_multisocketsink() {
+    assert!(run_script("socket_streamer.py", "multisocketsink").starts_with("ok: "));
 }

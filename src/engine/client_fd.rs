@@ -121,14 +121,23 @@ pub(super) fn write_iov(fd: RawFd, kind: FdKind, iov: &[IoSlice<'_>]) -> nix::Re
     }
 }
 
-/// Reads and drops what the client sent, into `scratch`. Some(status) when it is gone.
-pub(super) fn discard_input(fd: RawFd, scratch: &mut [u8]) -> Option<ClientStatus> {
+/// Reads what the client sent, through `scratch`: dropped, or appended to `kept`
+/// when given. Some(status) when the client is gone.
+pub(super) fn read_input(
+    fd: RawFd,
+    scratch: &mut [u8],
+    mut kept: Option<&mut Vec<u8>>,
+) -> Option<ClientStatus> {
     // SAFETY: the app keeps the fd open until client-fd-removed.
     let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
     loop {
         match nix::unistd::read(bfd, scratch) {
             Ok(0) => return Some(ClientStatus::Closed),
-            Ok(_) => continue,
+            Ok(n) => {
+                if let Some(kept) = kept.as_deref_mut() {
+                    kept.extend_from_slice(&scratch[..n]);
+                }
+            }
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => return None,
             // Write-only fds (a pipe's write end) cannot be read: nothing to discard.

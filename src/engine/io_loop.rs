@@ -95,7 +95,16 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
                 .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
         };
         let removed = std::mem::take(&mut st.removed);
+        let input = std::mem::take(&mut st.input);
+        let sent = std::mem::take(&mut st.sent);
         drop(st);
+        for (fd, data) in input {
+            worker.listener.client_input(fd, data);
+        }
+        for (fd, data) in &sent {
+            worker.listener.buffer_sent(*fd, data);
+        }
+        drop(sent);
         worker.finish_removals(removed);
         // A mutex is not fair: let a waiting streaming thread in before taking the
         // lock again (best effort; `push` never waits for more than one batch).

@@ -13,10 +13,10 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollFlags};
 
 use super::client::{Client, ClientId, IdMap, Phase, Watch};
-use super::client_fd::{discard_input, watch_writable};
+use super::client_fd::{read_input, watch_writable};
 use super::queue::BufferQueue;
 use super::rules::{keep_from, limit_boundaries, recover_position, start_position};
-use super::types::{Chunk, ClientStatus, Listener, Settings, Streamheader, log};
+use super::types::{Chunk, ClientStatus, Listener, Payload, Settings, Streamheader, log};
 use super::write::{Turn, write_turn};
 
 /// A worker's queue and clients, under its one lock, with the rules that move its
@@ -37,6 +37,10 @@ pub(super) struct WorkerState {
     pub(super) joining: Vec<ClientId>,
     /// Removed by the streaming side or the IO thread; the IO thread emits signals.
     pub(super) removed: Vec<Removal>,
+    /// With `keep_input` / `report_sent`: what the IO thread reports after a pass,
+    /// with no lock held.
+    pub(super) input: Vec<(RawFd, Vec<u8>)>,
+    pub(super) sent: Vec<(RawFd, Payload)>,
     pub(super) running: bool,
     pub(super) bytes_to_serve: u64,
     pub(super) bytes_served: u64,
@@ -65,6 +69,8 @@ impl WorkerState {
             idle: Vec::new(),
             joining: Vec::new(),
             removed: Vec::new(),
+            input: Vec::new(),
+            sent: Vec::new(),
             running: false,
             bytes_to_serve: 0,
             bytes_served: 0,
@@ -259,22 +265,27 @@ impl WorkerState {
             return;
         }
         let fd = c.fd;
-        if flags.contains(EpollFlags::EPOLLIN)
-            && self.settings.handle_read
-            && let Some(status) = discard_input(fd, &mut self.scratch)
-        {
-            log!(
-                self.listener,
-                Info,
-                "client fd {fd}: {}",
-                if status == ClientStatus::Closed {
-                    "closed by peer"
-                } else {
-                    "read error"
-                }
-            );
-            self.evict(id, status);
-            return;
+        if flags.contains(EpollFlags::EPOLLIN) && self.settings.handle_read {
+            let mut kept = Vec::new();
+            let keep = self.settings.keep_input.then_some(&mut kept);
+            let gone = read_input(fd, &mut self.scratch, keep);
+            if !kept.is_empty() {
+                self.input.push((fd, kept));
+            }
+            if let Some(status) = gone {
+                log!(
+                    self.listener,
+                    Info,
+                    "client fd {fd}: {}",
+                    if status == ClientStatus::Closed {
+                        "closed by peer"
+                    } else {
+                        "read error"
+                    }
+                );
+                self.evict(id, status);
+                return;
+            }
         }
         if flags.intersects(EpollFlags::EPOLLERR | EpollFlags::EPOLLHUP) {
             let status = if flags.contains(EpollFlags::EPOLLERR) {
@@ -314,7 +325,15 @@ impl WorkerState {
     pub(super) fn serve(&mut self, id: ClientId) {
         let resend = self.settings.resend_streamheader;
         let c = self.clients.get_mut(&id).unwrap();
-        let turn = write_turn(c, &mut self.queue, resend, self.now, &mut self.bytes_served);
+        let sent = self.settings.report_sent.then_some(&mut self.sent);
+        let turn = write_turn(
+            c,
+            &mut self.queue,
+            resend,
+            self.now,
+            &mut self.bytes_served,
+            sent,
+        );
         let fd = c.fd;
         match turn {
             Turn::CaughtUp => {

@@ -11,8 +11,14 @@ use std::time::Duration;
 /// The bytes of one buffer, shared by every client that sends it.
 ///
 /// The elements store a mapped `gst::Buffer` here, so a buffer is mapped once and
-/// all clients write from the same memory.
-pub type Payload = Arc<dyn AsRef<[u8]> + Send + Sync>;
+/// all clients write from the same memory; `Any` gives them their buffer back
+/// when the engine reports it sent ([`Listener::buffer_sent`]).
+pub type Payload = Arc<dyn PayloadBytes>;
+
+/// What a [`Payload`] holds: bytes of any owner type.
+pub trait PayloadBytes: AsRef<[u8]> + std::any::Any + Send + Sync {}
+
+impl<T: AsRef<[u8]> + std::any::Any + Send + Sync> PayloadBytes for T {}
 
 /// The streamheader of one caps generation: sent once before the first buffer of
 /// that generation to every client. Compared by pointer identity.
@@ -137,6 +143,11 @@ pub trait Listener: Send + Sync {
     fn client_added(&self, fd: Fd);
     fn client_removed(&self, fd: Fd, status: ClientStatus);
     fn client_fd_removed(&self, fd: Fd);
+    /// With `Settings::keep_input`: bytes a client sent (on the IO thread).
+    fn client_input(&self, _fd: Fd, _data: Vec<u8>) {}
+    /// With `Settings::report_sent`: a buffer, queued or streamheader, was written
+    /// whole to the client (on the IO thread).
+    fn buffer_sent(&self, _fd: Fd, _data: &Payload) {}
     /// Diagnostics; `args` is formatted only if the listener wants it. Unlike the
     /// signals above, this may be called with the engine lock held: it must not call
     /// back into the engine.
@@ -170,6 +181,10 @@ pub struct Settings {
     pub timeout: Option<Duration>,
     /// Read and discard what clients send; notice when they close.
     pub handle_read: bool,
+    /// With `handle_read`, hand what clients send to `Listener::client_input`.
+    pub keep_input: bool,
+    /// Tell `Listener::buffer_sent` of every buffer written whole to a client.
+    pub report_sent: bool,
     pub resend_streamheader: bool,
     /// DSCP for client sockets.
     pub qos_dscp: Option<u8>,
@@ -190,6 +205,8 @@ impl Default for Settings {
             keep_keyframe: false,
             timeout: None,
             handle_read: true,
+            keep_input: false,
+            report_sent: false,
             resend_streamheader: true,
             qos_dscp: None,
             default_placement: ClientConfig::default(),

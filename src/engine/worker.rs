@@ -102,6 +102,8 @@ impl Worker {
             st.idle.clear();
             st.ready.clear();
             st.joining.clear();
+            st.input.clear();
+            st.sent.clear();
             removed
         };
         self.finish_removals(removed);

@@ -3,6 +3,7 @@
 //! The write path: one client's turn of writing from the queue.
 
 use std::io::IoSlice;
+use std::os::fd::RawFd;
 use std::time::Instant;
 
 use nix::errno::Errno;
@@ -10,6 +11,7 @@ use nix::errno::Errno;
 use super::client::{Client, Unsent, Watch};
 use super::client_fd::write_iov;
 use super::queue::{BufferQueue, same_streamheader};
+use super::types::Payload;
 
 /// Most buffers handed to one `writev`/`sendmsg` (Linux's IOV_MAX).
 const MAX_IOV: usize = 1024;
@@ -38,6 +40,7 @@ pub(super) fn write_turn(
     resend: bool,
     now: Instant,
     served: &mut u64,
+    mut sent: Option<&mut Vec<(RawFd, Payload)>>,
 ) -> Turn {
     if let Watch::Broken(e) = c.watch {
         return Turn::Failed(e);
@@ -93,7 +96,7 @@ pub(super) fn write_turn(
         drop(iov);
         match result {
             Ok(n) => {
-                consume(c, queue, n, entries);
+                consume(c, queue, n, entries, sent.as_deref_mut());
                 *served += n as u64;
                 if n > 0 {
                     c.bytes_sent += n as u64;
@@ -168,13 +171,23 @@ impl<'a> IoVec<'a> {
 
 /// Accounts `n` written bytes: the outbox first, then `entries` queued buffers. A
 /// buffer written in part moves to the outbox, so positions stay on boundaries.
-fn consume(c: &mut Client, queue: &mut BufferQueue, n: usize, entries: u64) {
+/// Buffers written whole go to `sent`, if given.
+fn consume(
+    c: &mut Client,
+    queue: &mut BufferQueue,
+    n: usize,
+    entries: u64,
+    mut sent: Option<&mut Vec<(RawFd, Payload)>>,
+) {
     let mut left = n;
     while let Some(front) = c.outbox.front_mut() {
         let remaining = (*front.data).as_ref().len() - front.offset;
         if left >= remaining {
             left -= remaining;
-            c.outbox.pop_front();
+            let done = c.outbox.pop_front().expect("front exists");
+            if let Some(sent) = sent.as_deref_mut() {
+                sent.push((c.fd, done.data));
+            }
         } else {
             front.offset += left;
             return;
@@ -198,6 +211,9 @@ fn consume(c: &mut Client, queue: &mut BufferQueue, n: usize, entries: u64) {
             left = 0;
         } else {
             left -= len;
+            if let Some(sent) = sent.as_deref_mut() {
+                sent.push((c.fd, entry.chunk.data.clone()));
+            }
         }
         if pts.is_some() {
             c.last_buffer_ts = pts;

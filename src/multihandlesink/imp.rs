@@ -60,6 +60,9 @@ struct Settings {
     time_min: i64,
     timeout: u64,
     handle_read: bool,
+    /// Asked for by the subclass, not properties of the base class.
+    keep_input: bool,
+    report_sent: bool,
     resend_streamheader: bool,
     qos_dscp: i32,
     io_threads: u32,
@@ -81,6 +84,8 @@ impl Default for Settings {
             time_min: DEFAULT_MIN.into(),
             timeout: DEFAULT_TIMEOUT,
             handle_read: DEFAULT_HANDLE_READ,
+            keep_input: false,
+            report_sent: false,
             resend_streamheader: DEFAULT_RESEND_STREAMHEADER,
             qos_dscp: DEFAULT_QOS_DSCP,
             io_threads: DEFAULT_IO_THREADS,
@@ -125,6 +130,8 @@ impl Settings {
             ),
             timeout: (self.timeout > 0).then(|| Duration::from_nanos(self.timeout)),
             handle_read: self.handle_read,
+            keep_input: self.keep_input,
+            report_sent: self.report_sent,
             resend_streamheader: self.resend_streamheader,
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
             default_placement,
@@ -165,6 +172,29 @@ impl Listener for SignalListener {
         if let Some(element) = self.element.upgrade() {
             (element.class().as_ref().client_fd_removed)(&element, fd);
         }
+    }
+
+    fn client_input(&self, fd: RawFd, data: Vec<u8>) {
+        if let Some(element) = self.element.upgrade() {
+            (element.class().as_ref().client_input)(
+                &element,
+                fd,
+                gst::Buffer::from_mut_slice(data),
+            );
+        }
+    }
+
+    fn buffer_sent(&self, fd: RawFd, data: &engine::Payload) {
+        let Some(element) = self.element.upgrade() else {
+            return;
+        };
+        // Every payload the element queues is a mapped buffer (`chunk_of`): hand
+        // back that very buffer.
+        let any: &dyn std::any::Any = &**data;
+        let Some(mapped) = any.downcast_ref::<gst::MappedBuffer<gst::buffer::Readable>>() else {
+            return;
+        };
+        (element.class().as_ref().buffer_sent)(&element, fd, mapped.buffer_owned());
     }
 
     fn log(&self, level: LogLevel, args: fmt::Arguments<'_>) {
@@ -263,6 +293,16 @@ impl RsMultiHandleSink {
 
     pub(super) fn handle_read(&self) -> bool {
         self.settings.lock().unwrap().handle_read
+    }
+
+    pub(super) fn set_keep_client_input(&self, keep: bool) {
+        self.settings.lock().unwrap().keep_input = keep;
+        self.apply_settings();
+    }
+
+    pub(super) fn set_report_sent_buffers(&self, report: bool) {
+        self.settings.lock().unwrap().report_sent = report;
+        self.apply_settings();
     }
 
     /// The base class's own placement (`default_placement` unless overridden).
@@ -442,6 +482,8 @@ impl ObjectSubclass for RsMultiHandleSink {
         class.client_added = |_, _| {};
         class.client_removed = |_, _, _| {};
         class.client_fd_removed = |_, _| {};
+        class.client_input = |_, _, _| {};
+        class.buffer_sent = |_, _, _| {};
         class.start_serving = |_| Ok(());
         class.stop_serving = |_| {};
         class.default_placement = |obj| obj.imp().settings_placement();

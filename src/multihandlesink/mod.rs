@@ -15,6 +15,8 @@
 //! | `client_added` | inside the adding call, after the client was added | `client-added` emission |
 //! | `client_removed` | first, when a client goes; its stats still answer | `removed` |
 //! | `client_fd_removed` | then; the engine has forgotten the fd | the handle-removed signal |
+//! | `client_input` | a client sent data (with [`RsMultiHandleSinkExt::set_keep_client_input`]) | multisocketsink's `GstNetworkMessage` |
+//! | `buffer_sent` | a buffer was written whole to a client (with [`RsMultiHandleSinkExt::set_report_sent_buffers`]) | multisocketsink's `GstNetworkMessageDispatched` |
 //! | `start_serving` | NULL→READY, once the IO threads run | `init` |
 //! | `stop_serving` | READY→NULL, before the clients are removed | `close` |
 //! | `default_placement` | for `add` and clients the subclass adds itself | sync-method/burst |
@@ -48,6 +50,8 @@ pub struct Class {
     client_added: fn(&RsMultiHandleSink, RawFd),
     client_removed: fn(&RsMultiHandleSink, RawFd, ClientStatus),
     client_fd_removed: fn(&RsMultiHandleSink, RawFd),
+    client_input: fn(&RsMultiHandleSink, RawFd, gst::Buffer),
+    buffer_sent: fn(&RsMultiHandleSink, RawFd, gst::Buffer),
     start_serving: fn(&RsMultiHandleSink) -> Result<(), gst::ErrorMessage>,
     stop_serving: fn(&RsMultiHandleSink),
     default_placement: fn(&RsMultiHandleSink) -> ClientConfig,
@@ -87,6 +91,19 @@ pub trait RsMultiHandleSinkImpl:
         self.parent_client_fd_removed(fd)
     }
 
+    /// A client sent `data` (on the IO thread; only while the subclass asked for it
+    /// with `set_keep_client_input`, otherwise what clients send is dropped).
+    fn client_input(&self, fd: RawFd, data: gst::Buffer) {
+        self.parent_client_input(fd, data)
+    }
+
+    /// `buffer` (queued, or of the caps' streamheader) was written whole to the
+    /// client (on the IO thread; only while the subclass asked for it with
+    /// `set_report_sent_buffers`).
+    fn buffer_sent(&self, fd: RawFd, buffer: gst::Buffer) {
+        self.parent_buffer_sent(fd, buffer)
+    }
+
     /// The element starts serving (NULL→READY), with the IO threads running. An error
     /// fails the state change.
     fn start_serving(&self) -> Result<(), gst::ErrorMessage> {
@@ -119,6 +136,14 @@ pub trait RsMultiHandleSinkImplExt: RsMultiHandleSinkImpl {
         (parent_class::<Self>().client_fd_removed)(self.obj().upcast_ref(), fd)
     }
 
+    fn parent_client_input(&self, fd: RawFd, data: gst::Buffer) {
+        (parent_class::<Self>().client_input)(self.obj().upcast_ref(), fd, data)
+    }
+
+    fn parent_buffer_sent(&self, fd: RawFd, buffer: gst::Buffer) {
+        (parent_class::<Self>().buffer_sent)(self.obj().upcast_ref(), fd, buffer)
+    }
+
     fn parent_start_serving(&self) -> Result<(), gst::ErrorMessage> {
         (parent_class::<Self>().start_serving)(self.obj().upcast_ref())
     }
@@ -147,6 +172,8 @@ unsafe impl<T: RsMultiHandleSinkImpl> IsSubclassable<T> for RsMultiHandleSink {
         class.client_added = |obj, fd| imp_of::<T>(obj).client_added(fd);
         class.client_removed = |obj, fd, status| imp_of::<T>(obj).client_removed(fd, status);
         class.client_fd_removed = |obj, fd| imp_of::<T>(obj).client_fd_removed(fd);
+        class.client_input = |obj, fd, data| imp_of::<T>(obj).client_input(fd, data);
+        class.buffer_sent = |obj, fd, buffer| imp_of::<T>(obj).buffer_sent(fd, buffer);
         class.start_serving = |obj| imp_of::<T>(obj).start_serving();
         class.stop_serving = |obj| imp_of::<T>(obj).stop_serving();
         class.default_placement = |obj| imp_of::<T>(obj).default_placement();
@@ -199,6 +226,20 @@ pub trait RsMultiHandleSinkExt: IsA<RsMultiHandleSink> + 'static {
 
     fn handle_read(&self) -> bool {
         self.upcast_ref::<RsMultiHandleSink>().imp().handle_read()
+    }
+
+    /// Whether what clients send goes to `client_input` instead of being dropped.
+    fn set_keep_client_input(&self, keep: bool) {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .set_keep_client_input(keep)
+    }
+
+    /// Whether every buffer written whole to a client goes to `buffer_sent`.
+    fn set_report_sent_buffers(&self, report: bool) {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .set_report_sent_buffers(report)
     }
 
     /// Lets the IO thread also serve `service` (a listening socket and the
