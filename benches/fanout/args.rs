@@ -73,6 +73,7 @@ pub struct Opts {
     /// --window-total / clients)
     #[arg(long, default_value = "4M", value_parser = parse_size)]
     pub window: usize,
+    /// Unpaced: in-flight bytes over all clients
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub window_total: usize,
     /// Bitrates searched by --mode sustain

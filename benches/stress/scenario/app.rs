@@ -52,6 +52,9 @@ pub struct Counters {
     pub burst_ops: AtomicU64,
 }
 
+/// The run's shared state: the element and its src pad, the ledger (woken through
+/// `changed`), the readers' inboxes, the stop flags, the counters, the problems found
+/// and every thread's heartbeat.
 pub struct Ctx {
     pub opts: Options,
     pub sink: gst::Element,

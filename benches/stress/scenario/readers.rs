@@ -32,6 +32,7 @@ pub struct ReaderItem {
     next_slow: Instant,
 }
 
+/// Whether a read pass left the stream open.
 enum Pumped {
     More,
     Eof,

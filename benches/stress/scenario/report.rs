@@ -7,6 +7,7 @@ use super::app::Ctx;
 use super::checks::{Check, Finals, Tally};
 use super::{ACTION_THREADS, READER_THREADS};
 
+/// The outcome of a run: how many checks passed and failed, and every line to show.
 pub struct Report {
     pub passed: usize,
     pub failed: usize,
