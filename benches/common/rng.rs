@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! A small seeded generator for the stress program and the model test: the same seed
 //! gives the same choices, and a failure replays.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Process helpers both tools use: figures from /proc/self/status, the fd limit and
 //! GStreamer with this crate's plugin.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The orchestrator's options.
 
 use clap::{Parser, ValueEnum};

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Every run (and every sustain trial) as one CSV row, for scripts/bench-plot.py.
 
 use std::io::Write;

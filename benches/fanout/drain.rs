@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The drain process (`__drain`): owns the other ends of the client sockets, reads
 //! them with epoll, finds the buffer boundaries and measures each measured buffer's
 //! push-to-receive latency from its stamp.

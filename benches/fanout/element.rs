@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! One element run: `rsmultifdsink` or the C `multifdsink` fed by a src pad of our
 //! own, every client fd added, the producer's schedule pushed through it.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Latency histogram: exact below 128 ns, then 64 sub-buckets per power of two
 //! (under 1.6 % error).
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! fanout: `rsmultifdsink` against GStreamer's C `multifdsink` (and a plain
 //! `writev` fan-out without GStreamer, the floor) on the same workload, in one run.
 //!

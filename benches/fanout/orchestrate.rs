@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The orchestrator: one sink process per run (never two at once), the machine's
 //! other load around each run, the matrix and the sustain search.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Small OS helpers of the three processes: clocks and rusage, watchdogs, the shared
 //! counter page and fd passing over the control socket.
 

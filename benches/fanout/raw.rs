@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The floor: one thread, the same producer schedule, and for each client one
 //! `writev` of everything it has not sent yet (up to IOV_MAX buffers), epoll
 //! (edge-triggered EPOLLOUT) for clients whose socket is full, the same units-max kick.

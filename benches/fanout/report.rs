@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! One finished run as a row of figures, the medians of a case and the tables.
 
 use std::collections::BTreeMap;

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! What `cargo test --all-targets` runs (it starts every bench target without
 //! `--bench`): every `cargo bench --bench fanout` command of the README and of
 //! docs/benchmark.md must parse, and a small matrix and sustain search, debug-built,

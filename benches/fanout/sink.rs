@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The sink process (`__sink`): makes the clients, starts the drain process, runs the
 //! element (or the raw floor) with one producer thread and reports what it measured.
 

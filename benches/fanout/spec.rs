@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! What one run does, as the orchestrator passes it to the sink and drain processes
 //! (`key=value` arguments), and the stamp at the start of every buffer.
 

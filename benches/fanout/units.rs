@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Sizes and bitrates as the options take them and the tables show them.
 
 /// "4096", "4K", "4KiB", "64k" -> bytes (K = 1024).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! stress: `rsmultifdsink` under churn, faults and concurrent API calls; see
 //! `scenario` for what it does and checks.
 //!

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! What the application does to the element from its action threads (and from
 //! signal handlers): add new clients, add live ones again, remove, remove-flush,
 //! clear and get-stats.
@@ -204,7 +206,7 @@ impl Ctx {
         let r = self.next_reader.fetch_add(1, Ordering::Relaxed) % READER_THREADS;
         self.inboxes[r].lock().unwrap().push(reader);
         if full {
-            let sync = sync_method(sync);
+            let sync = sync_method(&self.sink, sync);
             self.sink
                 .emit_by_name::<()>("add-full", &[&fd, &sync, &min.0, &min.1, &max.0, &max.1]);
             Ctx::inc(&self.n.add_fulls);

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! What every thread shares: the element, the application's ledger of clients, the
 //! counters behind the figures, the problems found and the heartbeats.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The checks: each one passes or fails once per run; problems are collected as they
 //! are found (by the handlers and threads during the run, and by `evaluate` from the
 //! ledger at the end).

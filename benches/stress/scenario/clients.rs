@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! Clients: transports, what their readers do, and the application's ledger of every
 //! fd it gave to the element.
 

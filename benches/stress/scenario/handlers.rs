@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The element's signals, as the application handles them: each one is checked
 //! against the ledger, and handlers call back into the element (get-stats on their
 //! own fd; add, remove, remove-flush and clear on others).

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The stress scenario: `rsmultifdsink` under churn, faults and concurrent API calls.
 //! `cargo bench --bench stress` runs it as a program (short or long form), the test
 //! suite's `tests/stress.rs` runs its short form.
@@ -55,7 +57,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
-use gstrsmultifdsink::multifdsink::SyncMethod;
 
 use app::Ctx;
 use checks::{AtEnd, Finals};
@@ -119,9 +120,11 @@ impl Options {
     }
 }
 
-/// A sync method as a value of the element's enum, for `add-full`.
-fn sync_method(nick: &str) -> gst::glib::Value {
-    gst::glib::EnumClass::with_type(SyncMethod::static_type())
+/// A sync method as a value of the element's enum (the type of its `sync-method`
+/// property), for `add-full`.
+fn sync_method(sink: &gst::Element, nick: &str) -> gst::glib::Value {
+    let enum_type = sink.property_type("sync-method").expect("sync-method");
+    gst::glib::EnumClass::with_type(enum_type)
         .and_then(|c| c.to_value_by_nick(nick))
         .unwrap_or_else(|| panic!("no sync method {nick}"))
 }

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The reader threads: each reads the other ends of its clients fast, slowly, after a
 //! stall or never, verifies every byte, and half-closes, closes or resets them when
 //! their behaviour says so.

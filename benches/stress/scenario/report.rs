@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The report: the figures of a run, one per line, then one line per check and
 //! `stress: N passed, M failed`.
 

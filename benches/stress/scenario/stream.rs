@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The stream: buffers whose every byte is known from their sequence number, and the
 //! verifier that checks what a reader got.
 

@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The threads around the clients: the producer, the state cycler, the property
 //! changer and the sampler of the queue and the fds.
 

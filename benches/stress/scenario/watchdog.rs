@@ -1,3 +1,5 @@
+// SPDX-License-Identifier: MPL-2.0
+
 //! The watchdog: every thread beats while it makes progress; one that stops for 20 s
 //! aborts the run with what every thread was doing. Also counts panics on any thread.
 
