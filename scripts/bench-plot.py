@@ -5,7 +5,7 @@ the client count, for each element (rsmultifdsink, C multifdsink, raw writev flo
     scripts/bench-plot.py bench.csv [-o docs/benchmark.svg] [--size 4096]
     scripts/bench-plot.py bench.csv --markdown     # median tables for docs/benchmark.md
 
-Reads the CSV written by `cargo run --release --example fanout-bench -- --csv bench.csv`,
+Reads the CSV written by `cargo bench --bench fanout -- --csv bench.csv`,
 takes the median over repetitions of every (transport, bitrate, element, clients) case
 and writes an SVG: one column per transport and bitrate, CPU/GB on top, p99 latency
 below, both axes logarithmic. Only Python's standard library is used.

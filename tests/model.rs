@@ -12,23 +12,11 @@ use gstrsmultifdsink::engine::{
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-/// xorshift64*: small, deterministic, no crate needed.
-struct Rng(u64);
+// The seeded generator the stress program uses too.
+#[path = "../benches/common/rng.rs"]
+mod rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
+use rng::Rng;
 
 #[derive(Default)]
 struct Removals(Mutex<Vec<(Fd, ClientStatus)>>);
@@ -136,14 +124,14 @@ fn read_some(fd: &OwnedFd, out: &mut Vec<u8>, max: usize) {
 fn random_amount(rng: &mut Rng) -> Option<Amount> {
     match rng.below(4) {
         0 => None,
-        1 => Some(Amount::new(Unit::Buffers, 1 + rng.below(8))),
+        1 => Some(Amount::new(Unit::Buffers, rng.range(1, 8))),
         2 => Some(Amount::new(Unit::Bytes, rng.below(20_000))),
         _ => Some(Amount::new(Unit::Time, rng.below(10) * 1000)),
     }
 }
 
 fn run(seed: u64, io_threads: usize) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let removals = Arc::new(Removals::default());
     let engine = Engine::new(removals.clone()).unwrap();
     engine.set_io_threads(io_threads).unwrap();
@@ -169,7 +157,7 @@ fn run(seed: u64, io_threads: usize) {
                 let len = rng.below(3000) as usize;
                 let n = stream.len();
                 let data: Vec<u8> = (0..len).map(|i| (n * 31 + i) as u8).collect();
-                let keyframe = rng.chance(25);
+                let keyframe = rng.chance(25.0);
                 let pts = stream.last().map_or(0, |p| p.pts) + 1000;
                 engine.push(Chunk::from_vec(data.clone(), keyframe, false, Some(pts)));
                 stream.push(Pushed {
@@ -181,7 +169,7 @@ fn run(seed: u64, io_threads: usize) {
             5 | 6 if clients.len() < 24 => {
                 let (r, w) = nix::unistd::pipe().unwrap();
                 let config = ClientConfig {
-                    sync: syncs[rng.below(6) as usize],
+                    sync: rng.pick(&syncs),
                     burst_min: random_amount(&mut rng),
                     burst_max: random_amount(&mut rng),
                 };

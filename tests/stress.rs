@@ -1,16 +1,19 @@
-//! The stress program (`examples/stress.rs`, issue 5) in its short form: streams
-//! through `rsmultifdsink` under client churn, faults, concurrent action signals,
-//! property changes and state cycles, and fails if any of its checks fails. Its
-//! figures are printed with `cargo test --test stress -- --nocapture`; the long form is
-//! `cargo run --release --example stress -- --long`.
+//! The stress program (`benches/stress/`) in its short form: streams through
+//! `rsmultifdsink` under client churn, faults, concurrent action signals, property
+//! changes and state cycles, and fails if any of its checks fails. Its figures are
+//! printed with `cargo test --test stress -- --nocapture`; the long form is
+//! `cargo bench --bench stress -- --long`.
 
-#[path = "../examples/stress.rs"]
-#[allow(dead_code)]
-mod stress;
+// The scenario is shared with the stress program; it lives beside that program's main.
+#[path = "../benches/stress/scenario/mod.rs"]
+mod scenario;
 
 #[test]
 fn stress_short_form() {
-    let report = stress::run(&stress::Options::short());
+    let report = scenario::run(&scenario::Options::short());
+    for line in &report.lines {
+        println!("{line}");
+    }
     let all = report.lines.join("\n");
     assert_eq!(
         report.lines.last().map(String::as_str),

@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: MPL-2.0
+
+//! The drain process (`__drain`): owns the other ends of the client sockets, reads
+//! them with epoll, finds the buffer boundaries and measures each measured buffer's
+//! push-to-receive latency from its stamp.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use crate::hist::Hist;
+use crate::os::{
+    C_BYTES, C_MEASURED_RECORDS, SharedCounters, die_with_parent, mono_ns, recv_fds,
+    set_nonblocking, usage_self, watchdog,
+};
+use crate::spec::{FLAG_MEASURED, MAGIC, STAMP, Transport, parse_enum, parse_kv};
+use crate::system::raise_fd_limit;
+
+/// stdin is the control socket from the sink process.
+const CONTROL: RawFd = 0;
+
+/// Where a client's stream stands in the drain.
+struct Rx {
+    fd: Option<OwnedFd>,
+    /// Offset inside the current buffer.
+    off: usize,
+    hdr: [u8; STAMP],
+    next_seq: Option<u64>,
+    broken: bool,
+}
+
+struct DrainStats {
+    bytes: u64,
+    measured_records: u64,
+    records: u64,
+    gaps: u64,
+    bad: u64,
+    hist: Hist,
+}
+
+impl DrainStats {
+    fn consume(&mut self, rx: &mut Rx, data: &[u8], size: usize, now: u64) {
+        self.bytes += data.len() as u64;
+        if rx.broken {
+            return;
+        }
+        let mut i = 0;
+        while i < data.len() {
+            if rx.off < STAMP {
+                let take = (STAMP - rx.off).min(data.len() - i);
+                rx.hdr[rx.off..rx.off + take].copy_from_slice(&data[i..i + take]);
+                rx.off += take;
+                i += take;
+                if rx.off == STAMP && !self.stamp(rx, now) {
+                    return;
+                }
+            } else {
+                let take = (size - rx.off).min(data.len() - i);
+                rx.off += take;
+                i += take;
+            }
+            if rx.off == size {
+                rx.off = 0;
+            }
+        }
+    }
+
+    /// A whole stamp arrived: checks and records it. False if the stream is broken.
+    fn stamp(&mut self, rx: &mut Rx, now: u64) -> bool {
+        if &rx.hdr[0..8] != MAGIC {
+            self.bad += 1;
+            rx.broken = true;
+            return false;
+        }
+        let word = |k: usize| u64::from_le_bytes(rx.hdr[k..k + 8].try_into().unwrap());
+        let (seq, sent, flags) = (word(8), word(16), word(24));
+        if rx.next_seq.is_some_and(|n| n != seq) {
+            self.gaps += 1;
+        }
+        rx.next_seq = Some(seq + 1);
+        self.records += 1;
+        if flags & FLAG_MEASURED != 0 {
+            self.measured_records += 1;
+            self.hist.record(now.saturating_sub(sent));
+        }
+        true
+    }
+}
+
+/// The drain's end of every client: fds passed by the sink process (UNIX), or
+/// connections to its listener (TCP).
+fn collect_clients(kv: &BTreeMap<String, String>, n: usize) -> Vec<OwnedFd> {
+    let mut fds: Vec<OwnedFd> = Vec::with_capacity(n);
+    match parse_enum(&kv["transport"]) {
+        Transport::Unix => {
+            while fds.len() < n {
+                let got = recv_fds(CONTROL).expect("client fds");
+                if got.is_empty() {
+                    eprintln!("fanout-bench drain: control socket closed early");
+                    std::process::exit(2);
+                }
+                fds.extend(got);
+            }
+        }
+        Transport::Tcp => {
+            let port: u16 = kv["port"].parse().unwrap();
+            for _ in 0..n {
+                let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the sink");
+                fds.push(OwnedFd::from(s));
+            }
+        }
+    }
+    fds
+}
+
+pub fn main(args: &[String]) {
+    die_with_parent();
+    let kv = parse_kv(&args.join(" "));
+    let n: usize = kv["clients"].parse().unwrap();
+    let size: usize = kv["size"].parse().unwrap();
+    let deadline: f64 = kv["deadline"].parse().unwrap();
+    watchdog("drain", deadline);
+    raise_fd_limit(u64::MAX);
+
+    let counters = SharedCounters::map(
+        recv_fds(CONTROL)
+            .expect("control socket")
+            .pop()
+            .expect("shared counters fd"),
+    );
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
+    let mut rxs: Vec<Rx> = Vec::with_capacity(n);
+    for (i, fd) in collect_clients(&kv, n).into_iter().enumerate() {
+        set_nonblocking(fd.as_raw_fd());
+        epoll
+            .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, i as u64))
+            .unwrap();
+        rxs.push(Rx {
+            fd: Some(fd),
+            off: 0,
+            hdr: [0; STAMP],
+            next_seq: None,
+            broken: false,
+        });
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+
+    let end = Instant::now() + Duration::from_secs_f64(deadline - 2.0);
+    let (stats, open, timed_out) = drain(&epoll, &mut rxs, size, &counters, end);
+    let u = usage_self();
+    println!(
+        "RESULT d_status={} d_bytes={} d_records={} d_measured_records={} d_gaps={} d_bad={} \
+         d_lat_n={} d_p50_ns={} d_p99_ns={} d_max_ns={} d_cpu_s={:.4} d_open_at_end={}",
+        if timed_out { "timeout" } else { "ok" },
+        stats.bytes,
+        stats.records,
+        stats.measured_records,
+        stats.gaps,
+        stats.bad,
+        stats.hist.n,
+        stats.hist.quantile(0.50),
+        stats.hist.quantile(0.99),
+        stats.hist.max,
+        u.cpu(),
+        open
+    );
+    std::io::stdout().flush().unwrap();
+}
+
+/// Reads every client until all are closed or `end`. Returns the figures, the
+/// clients still open and whether it gave up.
+fn drain(
+    epoll: &Epoll,
+    rxs: &mut [Rx],
+    size: usize,
+    counters: &SharedCounters,
+    end: Instant,
+) -> (DrainStats, usize, bool) {
+    let mut stats = DrainStats {
+        bytes: 0,
+        measured_records: 0,
+        records: 0,
+        gaps: 0,
+        bad: 0,
+        hist: Hist::new(),
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut events = vec![EpollEvent::empty(); 1024];
+    let mut open = rxs.len();
+    while open > 0 {
+        if Instant::now() > end {
+            return (stats, open, true);
+        }
+        let k = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+            Ok(k) => k,
+            Err(Errno::EINTR) => 0,
+            Err(e) => panic!("epoll_wait: {e}"),
+        };
+        for ev in &events[..k] {
+            let rx = &mut rxs[ev.data() as usize];
+            let Some(fd) = rx.fd.as_ref() else { continue };
+            // SAFETY: reading into our buffer from an fd we own.
+            let r = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                )
+            };
+            if r > 0 {
+                stats.consume(rx, &buf[..r as usize], size, mono_ns());
+                counters.get(C_BYTES).store(stats.bytes, Ordering::Release);
+                counters
+                    .get(C_MEASURED_RECORDS)
+                    .store(stats.measured_records, Ordering::Release);
+            } else if r == 0 || !matches!(Errno::last(), Errno::EAGAIN | Errno::EINTR) {
+                let fd = rx.fd.take().unwrap();
+                let _ = epoll.delete(&fd);
+                open -= 1;
+            }
+        }
+    }
+    (stats, open, false)
+}

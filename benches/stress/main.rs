@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: MPL-2.0
+
+//! stress: `rsmultifdsink` under churn, faults and concurrent API calls; see
+//! `scenario` for what it does and checks.
+//!
+//! ```text
+//! cargo bench --bench stress                         # short form (1,000 clients)
+//! cargo bench --bench stress -- --long               # long form: 10,000 clients
+//! cargo bench --bench stress -- --seed 7 --clients 2000
+//! ```
+//!
+//! It prints its figures, one per line, then one line per check and `stress: N
+//! passed, M failed`; the exit code is 1 if a check failed. The test suite runs the
+//! short form as `tests/stress.rs`. `cargo bench` passes `--bench`; without it (as
+//! `cargo test --all-targets` runs every target) the program only checks that the
+//! README's stress commands parse.
+
+mod scenario;
+
+use clap::Parser;
+
+use scenario::Options;
+
+/// rsmultifdsink under churn, faults and concurrent API calls
+#[derive(Debug, Parser)]
+#[command(
+    name = "stress",
+    override_usage = "cargo bench --bench stress -- [OPTIONS]"
+)]
+struct Args {
+    /// The short form: 1,000 clients (the default)
+    #[arg(long, overrides_with = "long")]
+    short: bool,
+    /// The long form: 10,000 clients, 300 at once, more state cycles
+    #[arg(long, overrides_with = "short")]
+    long: bool,
+    /// Seed of every random choice
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// New clients to add (instead of the form's number)
+    #[arg(long, value_name = "N")]
+    clients: Option<u64>,
+}
+
+impl Args {
+    fn parse_from_cli(args: &[String]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("stress").chain(args.iter().map(String::as_str)))
+    }
+
+    fn options(&self) -> Options {
+        let short = Options::short();
+        let mut o = if self.long && !self.short {
+            Options {
+                form: "long",
+                connects: 10_000,
+                max_live: 300,
+                full_cycles: 8,
+                partial_cycles: 6,
+                op_pause_ms: 14,
+                ..short
+            }
+        } else {
+            short
+        };
+        o.seed = self.seed.unwrap_or(o.seed);
+        o.connects = self.clients.unwrap_or(o.connects);
+        o
+    }
+}
+
+/// Every `cargo bench --bench stress` command of the README must parse.
+fn selftest() {
+    const COMMAND: &str = "cargo bench --bench stress";
+    let readme = include_str!("../../README.md");
+    let commands: Vec<&str> = readme
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(COMMAND))
+        .map(|rest| rest.split(" #").next().unwrap_or(""))
+        .collect();
+    let mut failed = commands.is_empty();
+    for rest in &commands {
+        let args: Vec<String> = rest
+            .split_whitespace()
+            .skip_while(|a| *a == "--")
+            .map(String::from)
+            .collect();
+        if let Err(e) = Args::parse_from_cli(&args) {
+            eprintln!("stress self-test: README: {COMMAND}{rest}: {e}");
+            failed = true;
+        }
+    }
+    if failed {
+        eprintln!("stress self-test: the README's stress commands do not all parse");
+        std::process::exit(1);
+    }
+    println!(
+        "stress self-test: {} README commands parse (the scenario runs as tests/stress.rs)",
+        commands.len()
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--bench") {
+        return selftest();
+    }
+    let args: Vec<String> = args.into_iter().filter(|a| a != "--bench").collect();
+    let opts = Args::parse_from_cli(&args)
+        .unwrap_or_else(|e| e.exit())
+        .options();
+    let report = scenario::run(&opts);
+    for line in &report.lines {
+        println!("{line}");
+    }
+    std::process::exit(if report.failed == 0 { 0 } else { 1 });
+}
