@@ -14,6 +14,7 @@ use gst_base::subclass::prelude::*;
 use super::ClientStatus;
 use crate::multihandlesink::{
     RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt, client_action_signals,
+    client_signals, sink_metadata,
 };
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -57,22 +58,9 @@ impl ObjectImpl for RsMultiFdSink {
 
     fn signals() -> &'static [glib::subclass::Signal] {
         static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
-            use glib::subclass::Signal;
-            let mut signals = client_action_signals(i32::static_type(), fd_argument, fd_argument);
-            signals.extend([
-                Signal::builder("client-added")
-                    .param_types([i32::static_type()])
-                    .run_last()
-                    .build(),
-                Signal::builder("client-removed")
-                    .param_types([i32::static_type(), ClientStatus::static_type()])
-                    .run_last()
-                    .build(),
-                Signal::builder("client-fd-removed")
-                    .param_types([i32::static_type()])
-                    .run_last()
-                    .build(),
-            ]);
+            let fd = i32::static_type();
+            let mut signals = client_action_signals(fd, fd_argument, fd_argument);
+            signals.extend(client_signals(fd, fd, "client-fd-removed"));
             signals
         });
         SIGNALS.as_ref()
@@ -99,11 +87,9 @@ impl GstObjectImpl for RsMultiFdSink {}
 impl ElementImpl for RsMultiFdSink {
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
-            gst::subclass::ElementMetadata::new(
+            sink_metadata(
                 "Multi filedescriptor sink (Rust)",
-                "Sink/Network",
                 "Send data to multiple filedescriptors",
-                "The rsmultifdsink authors",
             )
         });
         Some(&*METADATA)

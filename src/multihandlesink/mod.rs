@@ -466,3 +466,38 @@ pub fn client_action_signals(
             .build(),
     ]
 }
+
+/// The notification signals every subclass has: `client-added` (with
+/// `added_type`, which C's multisocketsink declares as GObject), `client-removed`
+/// (handle, status) and `removed_name` (`client-fd-removed`, `client-socket-removed`).
+pub fn client_signals(
+    added_type: glib::Type,
+    handle_type: glib::Type,
+    removed_name: &str,
+) -> Vec<glib::subclass::Signal> {
+    use glib::subclass::Signal;
+    vec![
+        Signal::builder("client-added")
+            .param_types([added_type])
+            .run_last()
+            .build(),
+        Signal::builder("client-removed")
+            .param_types([handle_type, ClientStatus::static_type()])
+            .run_last()
+            .build(),
+        Signal::builder(removed_name)
+            .param_types([handle_type])
+            .run_last()
+            .build(),
+    ]
+}
+
+/// Element metadata of a fan-out sink: `Sink/Network`, by this project's authors.
+pub fn sink_metadata(long_name: &str, description: &str) -> gst::subclass::ElementMetadata {
+    gst::subclass::ElementMetadata::new(
+        long_name,
+        "Sink/Network",
+        description,
+        "The rsmultifdsink authors",
+    )
+}

@@ -23,7 +23,7 @@ use gst_base::subclass::prelude::*;
 
 use crate::multihandlesink::{
     ClientStatus, RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt,
-    client_action_signals,
+    client_action_signals, client_signals, sink_metadata,
 };
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -168,24 +168,14 @@ impl ObjectImpl for RsMultiSocketSink {
 
     fn signals() -> &'static [glib::subclass::Signal] {
         static SIGNALS: LazyLock<Vec<glib::subclass::Signal>> = LazyLock::new(|| {
-            use glib::subclass::Signal;
-            let mut signals =
-                client_action_signals(gio::Socket::static_type(), socket_to_add, client_socket);
-            signals.extend([
-                // GObject, not GSocket, as in the C element.
-                Signal::builder("client-added")
-                    .param_types([glib::Object::static_type()])
-                    .run_last()
-                    .build(),
-                Signal::builder("client-removed")
-                    .param_types([gio::Socket::static_type(), ClientStatus::static_type()])
-                    .run_last()
-                    .build(),
-                Signal::builder("client-socket-removed")
-                    .param_types([gio::Socket::static_type()])
-                    .run_last()
-                    .build(),
-            ]);
+            let socket = gio::Socket::static_type();
+            let mut signals = client_action_signals(socket, socket_to_add, client_socket);
+            // client-added has a GObject, not a GSocket, as in the C element.
+            signals.extend(client_signals(
+                glib::Object::static_type(),
+                socket,
+                "client-socket-removed",
+            ));
             signals
         });
         SIGNALS.as_ref()
@@ -222,12 +212,7 @@ impl GstObjectImpl for RsMultiSocketSink {}
 impl ElementImpl for RsMultiSocketSink {
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
-            gst::subclass::ElementMetadata::new(
-                "Multi socket sink (Rust)",
-                "Sink/Network",
-                "Send data to multiple sockets",
-                "The rsmultifdsink authors",
-            )
+            sink_metadata("Multi socket sink (Rust)", "Send data to multiple sockets")
         });
         Some(&*METADATA)
     }

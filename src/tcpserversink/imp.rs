@@ -15,7 +15,7 @@ use gst_base::subclass::prelude::*;
 
 use crate::multifdsink::{RsMultiFdSink, RsMultiFdSinkImpl};
 use crate::multihandlesink::{
-    RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt,
+    RsMultiHandleSinkExt, RsMultiHandleSinkImpl, RsMultiHandleSinkImplExt, sink_metadata,
 };
 use crate::server::{self, AcceptedSockets, Server, ServerConfig};
 
@@ -256,11 +256,9 @@ impl GstObjectImpl for RsTcpServerSink {}
 impl ElementImpl for RsTcpServerSink {
     fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
         static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
-            gst::subclass::ElementMetadata::new(
+            sink_metadata(
                 "TCP server sink (Rust)",
-                "Sink/Network",
                 "Send data as a server over the network via TCP, optionally as HTTP",
-                "The rsmultifdsink authors",
             )
         });
         Some(&*METADATA)
