@@ -220,6 +220,11 @@ impl Server {
         let config = self.config.lock().unwrap().clone();
         log!(registry, Info, "connection from {peer}");
         if !config.http {
+            if registry.refusing_clients() {
+                // Raw TCP has no way to say why: the connection is closed.
+                log!(registry, Info, "{peer}: refused, the sink is overloaded");
+                return;
+            }
             self.hand_over(registry, stream, peer);
             return;
         }
@@ -304,7 +309,9 @@ impl Server {
         if config.mount.as_ref().is_some_and(|m| *m != req.path) {
             return self.refuse(registry, token, 404, "Not Found");
         }
-        if config.max_clients > 0 && registry.client_count() >= config.max_clients as usize {
+        if config.max_clients > 0 && registry.client_count() >= config.max_clients as usize
+            || registry.refusing_clients()
+        {
             return self.refuse(registry, token, 503, "Service Unavailable");
         }
         let Some(content_type) = config.content_type else {

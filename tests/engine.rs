@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use gstrsmultifdsink::engine::{
     AddOutcome, Amount, Chunk, ClientConfig, ClientStats, ClientStatus, Engine, Fd, Listener,
-    RecoverPolicy, Settings, SyncMethod, Unit,
+    OverloadPolicy, RecoverPolicy, Settings, SyncMethod, Unit,
 };
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -251,6 +251,11 @@ struct Recorder {
     on_removed: Mutex<Option<Hook>>,
     on_fd_removed: Mutex<Option<Hook>>,
     on_added: Mutex<Option<Hook>>,
+    /// With `Settings::report_sent`, `buffer_sent` (on the IO thread) costs this
+    /// long: an IO thread slower than the stream, whatever the machine.
+    io_cost: Mutex<Option<Duration>>,
+    /// While true, `buffer_sent` holds the IO thread until it is opened.
+    io_gate: (Mutex<bool>, Condvar),
 }
 
 impl Recorder {
@@ -310,6 +315,11 @@ impl Recorder {
         *self.on_fd_removed.lock().unwrap() = Some(Arc::new(hook));
     }
 
+    fn set_gate(&self, closed: bool) {
+        *self.io_gate.0.lock().unwrap() = closed;
+        self.io_gate.1.notify_all();
+    }
+
     /// Waits until `pred` holds for the events so far.
     #[track_caller]
     fn wait_for(&self, what: &str, pred: impl Fn(&[Ev]) -> bool) -> Vec<Ev> {
@@ -359,6 +369,24 @@ fn removal_status(evs: &[Ev], fd: Fd) -> ClientStatus {
 }
 
 impl Listener for Recorder {
+    fn log(&self, level: gstrsmultifdsink::engine::LogLevel, args: std::fmt::Arguments<'_>) {
+        if std::env::var("ENGINE_LOG").is_ok() {
+            eprintln!("{level:?} {args}");
+        }
+    }
+
+    fn buffer_sent(&self, _fd: Fd, _data: &gstrsmultifdsink::engine::Payload) {
+        if let Some(cost) = *self.io_cost.lock().unwrap() {
+            // Simulated work on the IO thread, not synchronisation.
+            std::thread::sleep(cost);
+        }
+        let (closed, cond) = &self.io_gate;
+        let mut closed = closed.lock().unwrap();
+        while *closed {
+            closed = cond.wait(closed).unwrap();
+        }
+    }
+
     fn client_added(&self, fd: Fd) {
         self.record(Ev::Added(fd));
         let hook = self.on_added.lock().unwrap().clone();
@@ -476,6 +504,15 @@ impl Fixture {
         )
         .unwrap();
         (self.own(a), self.own(b))
+    }
+
+    /// A socketpair whose engine end holds the whole of an overload test's stream:
+    /// its writes never fail with EAGAIN, however late the scheduler runs its reader,
+    /// so it is never a slow client.
+    fn roomy_socketpair(&self) -> (RawFd, RawFd) {
+        let (mine, peer) = self.socketpair();
+        setsockopt(&bfd(mine), sockopt::SndBufForce, &(8 << 20)).expect("SO_SNDBUFFORCE (root)");
+        (mine, peer)
     }
 
     /// A TCP connection on 127.0.0.1: (the accepted, server end; the client end).
@@ -2110,4 +2147,238 @@ fn removal_during_client_added_waits_for_it() {
         ]
     );
     assert!(!f.engine.has_client(w));
+}
+
+// ---------------------------------------------------------------------------------
+// Overload: the IO thread, not the clients, is behind
+
+/// Buffer `i` of an overload test: 16 KiB of one byte value, a keyframe every
+/// second one (so one is always within `units-max` 4 for a recovery to land on).
+fn overload_buffer(i: u32) -> Chunk {
+    let data = vec![(i % 251) as u8; 16 * 1024];
+    if i.is_multiple_of(2) {
+        key(data)
+    } else {
+        delta(data)
+    }
+}
+
+/// Reads everything `fd` receives until `want` bytes or EOF; returns the buffer
+/// numbers seen, in order (each 16 KiB run of one byte value is one buffer).
+fn read_buffers(fd: RawFd, want: usize) -> std::thread::JoinHandle<Vec<u32>> {
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut total = 0;
+        let deadline = Instant::now() + WAIT;
+        while total < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "fd {fd}: only {total} of {want} bytes arrived"
+            );
+            let mut pfd = [PollFd::new(bfd(fd), PollFlags::POLLIN)];
+            let ms = PollTimeout::try_from(left.as_millis().min(10_000) as i32).unwrap();
+            if poll(&mut pfd, ms).unwrap_or(0) == 0 {
+                continue;
+            }
+            match nix::unistd::read(bfd(fd), &mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&chunk[..n]);
+                    total += n;
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        got.chunks(16 * 1024)
+            .map(|b| {
+                assert!(b.iter().all(|&c| c == b[0]), "a buffer was cut or mixed");
+                u32::from(b[0])
+            })
+            .collect()
+    })
+}
+
+/// An engine whose IO thread costs `cost` per buffer written to a client, with
+/// `units-max` of `limit` buffers: a fast producer outruns it at once.
+fn slow_io_fixture(policy: OverloadPolicy, cost: Duration, limit: u64) -> Fixture {
+    let f = Fixture::new(Settings {
+        units_max: Some(Amount::new(Unit::Buffers, limit)),
+        report_sent: true,
+        overload_policy: policy,
+        ..Settings::default()
+    });
+    *f.rec.io_cost.lock().unwrap() = Some(cost);
+    f
+}
+
+#[test]
+fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
+    let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(600), 4);
+    const BUFFERS: u32 = 200;
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (mine, peer) = f.roomy_socketpair();
+            f.add(mine, latest());
+            read_buffers(peer, BUFFERS as usize * 16 * 1024)
+        })
+        .collect();
+    let mut waited = Duration::ZERO;
+    for i in 0..BUFFERS {
+        waited += f.engine.push(overload_buffer(i)).waited;
+    }
+    for reader in readers {
+        let got = reader.join().unwrap();
+        let want: Vec<u32> = (0..BUFFERS).map(|i| i % 251).collect();
+        assert_eq!(got, want, "a draining client lost buffers");
+    }
+    // Nobody went: the stream waited for the IO thread instead.
+    assert_eq!(f.num_handles(), 8);
+    assert!(
+        !f.rec.events().iter().any(|e| matches!(e, Ev::Removed(..))),
+        "{:?}",
+        f.rec.events()
+    );
+    assert!(waited > Duration::ZERO, "the stream never waited");
+    // The IO thread was busy all along.
+    assert!(f.engine.io_load() > 0.5, "io-load {}", f.engine.io_load());
+}
+
+#[test]
+fn stalled_client_next_to_draining_ones_is_removed_as_slow() {
+    let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(100), 4);
+    const BUFFERS: u32 = 200;
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (mine, peer) = f.roomy_socketpair();
+            f.add(mine, latest());
+            read_buffers(peer, BUFFERS as usize * 16 * 1024)
+        })
+        .collect();
+    let (stalled, _never_read) = f.socketpair();
+    f.add(stalled, latest());
+    for i in 0..BUFFERS {
+        f.engine.push(overload_buffer(i));
+    }
+    // Its socket filled up while it was past units-max: slow.
+    assert_eq!(f.rec.wait_gone(stalled), ClientStatus::Slow);
+    for reader in readers {
+        assert_eq!(reader.join().unwrap().len(), BUFFERS as usize);
+    }
+    assert_eq!(f.num_handles(), 4);
+}
+
+#[test]
+fn flushing_releases_a_push_waiting_for_the_io_thread() {
+    let f = Arc::new(slow_io_fixture(
+        OverloadPolicy::BackPressure,
+        Duration::ZERO,
+        4,
+    ));
+    let (mine, peer) = f.socketpair();
+    f.add(mine, latest());
+    let reader = read_buffers(peer, 12 * 16 * 1024);
+    // The IO thread stops after its first pass: the client stays behind, not blocked.
+    f.rec.set_gate(true);
+    let pusher = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            for i in 0..12 {
+                f.engine.push(overload_buffer(i));
+            }
+            start.elapsed()
+        })
+    };
+    f.engine.set_flushing(true);
+    let took = pusher.join().unwrap();
+    // Far below the 1 s a push may wait at most.
+    assert!(took < Duration::from_millis(500), "pushes took {took:?}");
+    f.engine.set_flushing(false);
+    f.rec.set_gate(false);
+    assert_eq!(reader.join().unwrap().len(), 12);
+}
+
+#[test]
+fn drop_buffers_policy_never_waits_and_skips_to_keyframes() {
+    let f = slow_io_fixture(OverloadPolicy::DropBuffers, Duration::from_micros(300), 4);
+    const BUFFERS: u32 = 200;
+    let (mine, peer) = f.socketpair();
+    f.add(mine, latest());
+    let mut waited = Duration::ZERO;
+    let mut dropped = 0;
+    for i in 0..=BUFFERS {
+        let report = f.engine.push(overload_buffer(i));
+        waited += report.waited;
+        dropped += report.dropped;
+    }
+    // Nothing is skipped after the last push: the rest all arrives.
+    let stats_dropped = f.stats(mine).buffers_dropped;
+    assert_eq!(waited, Duration::ZERO);
+    assert!(dropped > 0, "nothing was dropped");
+    assert_eq!(stats_dropped, dropped);
+    let received = (BUFFERS + 1) as u64 - dropped;
+    let got = read_buffers(peer, received as usize * 16 * 1024)
+        .join()
+        .unwrap();
+    // In order; every jump lands on a keyframe.
+    for pair in got.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        assert!(b > a || b < 10, "out of order: {a} then {b}");
+        if b != (a + 1) % 251 {
+            assert_eq!(b % 2, 0, "skipped to {b}, not a keyframe");
+        }
+    }
+    assert_eq!(f.num_handles(), 1);
+}
+
+#[test]
+fn most_clients_full_at_once_is_an_overload_and_nobody_is_kicked() {
+    // Ten clients whose readers start late: every socket fills, all ten fall past
+    // units-max together. That is the machine not keeping up, not ten slow clients.
+    let f = Arc::new(Fixture::new(Settings {
+        units_max: Some(Amount::new(Unit::Buffers, 4)),
+        ..Settings::default()
+    }));
+    const BUFFERS: u32 = 100;
+    let peers: Vec<RawFd> = (0..10)
+        .map(|_| {
+            let (mine, peer) = f.socketpair();
+            f.add(mine, latest());
+            peer
+        })
+        .collect();
+    let pusher = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            for i in 0..BUFFERS {
+                f.engine.push(overload_buffer(i));
+            }
+        })
+    };
+    // Wait until every socket is full (13 buffers fit in one) and every client past
+    // the limit (4 more).
+    let deadline = Instant::now() + WAIT;
+    while f.engine.counters().bytes_to_serve < 18 * 16 * 1024 {
+        assert!(
+            Instant::now() < deadline,
+            "the producer never got past the limit"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let readers: Vec<_> = peers
+        .into_iter()
+        .map(|peer| read_buffers(peer, BUFFERS as usize * 16 * 1024))
+        .collect();
+    pusher.join().unwrap();
+    for reader in readers {
+        assert_eq!(reader.join().unwrap().len(), BUFFERS as usize);
+    }
+    assert!(
+        !f.rec.events().iter().any(|e| matches!(e, Ev::Removed(..))),
+        "{:?}",
+        f.rec.events()
+    );
 }

@@ -121,11 +121,13 @@ fn assert_same_interface(ours: &str, theirs: &str, diff: Differences) {
 }
 
 /// Properties every element here has beyond C's.
-const OURS: [&str; 4] = [
+const OURS: [&str; 6] = [
     "bytes-queued",
     "time-queued",
     "io-threads",
     "request-keyframe",
+    "overload-policy",
+    "io-load",
 ];
 
 #[test]

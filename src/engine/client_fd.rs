@@ -8,6 +8,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
 use nix::sys::socket::{MsgFlags, sendmsg, setsockopt, sockopt};
 use nix::sys::stat::{SFlag, fstat};
@@ -145,4 +146,26 @@ pub(super) fn read_input(
             Err(_) => return Some(ClientStatus::Error),
         }
     }
+}
+
+/// Which of these fds will not take data now (one `poll` for all, no waiting): a
+/// client past a limit is slow only if its own fd is full. Exact for pipes (POLLOUT
+/// while any room is left); fds that cannot be polled count as taking data: the IO
+/// thread finds out what is wrong with them.
+pub(super) fn full_fds(fds: &[RawFd]) -> Vec<bool> {
+    // SAFETY: the app keeps client fds open until client-fd-removed.
+    let mut polled: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|&fd| PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLOUT))
+        .collect();
+    if poll(&mut polled, PollTimeout::ZERO).is_err() {
+        return vec![false; fds.len()];
+    }
+    polled
+        .iter()
+        .map(|p| {
+            p.revents()
+                .is_some_and(|r| !r.intersects(PollFlags::POLLOUT | PollFlags::POLLNVAL))
+        })
+        .collect()
 }

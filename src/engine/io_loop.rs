@@ -21,6 +21,8 @@ use super::worker::Worker;
 const CLIENTS_PER_LOCK: usize = 64;
 /// How often idle clients are checked for the timeout, at most.
 const MAX_TIMEOUT_TICK: Duration = Duration::from_secs(1);
+/// The window over which the IO thread measures how busy it is (`io-load`).
+pub(super) const LOAD_WINDOW: Duration = Duration::from_millis(100);
 
 pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
     // Writing to a pipe whose reader is gone raises SIGPIPE in the writing thread.
@@ -40,6 +42,9 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
     // pass: anything that changes it later (a push, new settings, a new client)
     // writes the waker, so it need not be read again under the lock.
     let mut engine_wait: Option<Duration> = None;
+    // Time spent outside epoll_wait in the current load window.
+    let mut window_start = Instant::now();
+    let mut busy = Duration::ZERO;
     while !worker.stop.load(Ordering::SeqCst) {
         let mut wait = engine_wait;
         if let Some(due) = service_due {
@@ -60,6 +65,7 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
                 0
             }
         };
+        let pass_start = Instant::now();
         let mut st = worker.lock();
         for ev in &events[..n] {
             match Token::from_epoll(ev.data()) {
@@ -94,6 +100,10 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
             st.timeout()
                 .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
         };
+        // A push waits for the clients it left behind to be reached.
+        if st.backpressure_waiters > 0 && !st.io_behind() {
+            worker.caught_up.notify_all();
+        }
         let removed = std::mem::take(&mut st.removed);
         let input = std::mem::take(&mut st.input);
         let sent = std::mem::take(&mut st.sent);
@@ -118,6 +128,16 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
                 }
             }
             None => service_due = None,
+        }
+        let now = Instant::now();
+        busy += now - pass_start;
+        let window = now - window_start;
+        if window >= LOAD_WINDOW {
+            let share = (busy.as_secs_f64() / window.as_secs_f64()).min(1.0);
+            *worker.load.lock().unwrap_or_else(|e| e.into_inner()) =
+                super::worker::Load { share, at: now };
+            window_start = now;
+            busy = Duration::ZERO;
         }
     }
     log!(worker.listener, Debug, "IO thread stopped");

@@ -37,7 +37,7 @@ pub use self::token::ServiceToken;
 pub(crate) use self::types::log;
 pub use self::types::{
     AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, LogLevel,
-    Payload, RecoverPolicy, Settings, Streamheader, SyncMethod, Unit,
+    OverloadPolicy, Payload, PushReport, RecoverPolicy, Settings, Streamheader, SyncMethod, Unit,
 };
 
 use std::sync::{Arc, Mutex};
@@ -191,11 +191,39 @@ impl Engine {
         }
     }
 
-    /// Queues a buffer for every client. Never blocks on a client.
-    pub fn push(&self, chunk: Chunk) {
+    /// Queues a buffer for every client. Never waits on a client; with back-pressure
+    /// it may wait (bounded, not while flushing) for IO threads that are behind.
+    pub fn push(&self, chunk: Chunk) -> PushReport {
+        let mut total = PushReport::default();
         for worker in self.pool.workers().iter() {
-            worker.push(chunk.clone());
+            let report = worker.push(chunk.clone());
+            total.waited += report.waited;
+            total.dropped += report.dropped;
+            total.behind |= report.behind;
         }
+        if (total.dropped > 0 || total.behind)
+            && self.settings.lock().unwrap().overload_policy == OverloadPolicy::RefuseClients
+        {
+            self.pool.refuse_for_a_while();
+        }
+        total
+    }
+
+    /// While flushing (a flush or a state change is under way), `push` does not wait
+    /// for the IO threads.
+    pub fn set_flushing(&self, flushing: bool) {
+        for worker in self.pool.workers().iter() {
+            worker.set_flushing(flushing);
+        }
+    }
+
+    /// How busy the busiest IO thread was over its last 100 ms, 0 to 1.
+    pub fn io_load(&self) -> f64 {
+        self.pool
+            .workers()
+            .iter()
+            .map(|w| w.io_load())
+            .fold(0.0, f64::max)
     }
 
     pub fn stats(&self, fd: Fd) -> Option<ClientStats> {

@@ -3,6 +3,7 @@
 //! The workers and which one holds each client.
 
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
 use super::directory::Directory;
 use super::types::{AddOutcome, ClientConfig, ClientStatus, Fd, Listener, Settings, log};
@@ -14,7 +15,13 @@ pub(super) struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
     directory: Arc<Mutex<Directory>>,
     listener: Arc<dyn Listener>,
+    /// With `OverloadPolicy::RefuseClients`: the service refuses new clients until
+    /// then (the last overloaded push, plus `REFUSE_AFTER_OVERLOAD`).
+    refusing_until: Mutex<Option<Instant>>,
 }
+
+/// How long new clients are refused after the last push that met an overload.
+const REFUSE_AFTER_OVERLOAD: Duration = Duration::from_secs(1);
 
 impl Pool {
     pub(super) fn new(listener: Arc<dyn Listener>) -> Pool {
@@ -22,6 +29,7 @@ impl Pool {
             workers: RwLock::new(Vec::new()),
             directory: Default::default(),
             listener,
+            refusing_until: Mutex::new(None),
         }
     }
 
@@ -70,6 +78,19 @@ impl Pool {
     pub(super) fn worker_of(&self, fd: Fd) -> Option<Arc<Worker>> {
         let index = self.directory.lock().unwrap().worker_of(fd)?;
         self.workers().get(index).cloned()
+    }
+
+    /// A push met an overload: refuse new clients for a while.
+    pub(super) fn refuse_for_a_while(&self) {
+        *self.refusing_until.lock().unwrap() = Some(Instant::now() + REFUSE_AFTER_OVERLOAD);
+    }
+
+    /// Whether new clients are refused now (overloaded, `RefuseClients`).
+    pub(super) fn refusing(&self) -> bool {
+        self.refusing_until
+            .lock()
+            .unwrap()
+            .is_some_and(|until| Instant::now() < until)
     }
 
     /// Clients of all workers, not counting those being removed.

@@ -55,6 +55,12 @@ impl Registry<'_> {
         self.pool.add(fd, None)
     }
 
+    /// Whether new clients are to be refused: the IO threads are overloaded and the
+    /// overload policy says so (`OverloadPolicy::RefuseClients`).
+    pub fn refusing_clients(&self) -> bool {
+        self.pool.refusing()
+    }
+
     /// Clients of the whole engine, not counting those being removed.
     pub fn client_count(&self) -> usize {
         self.pool.client_count()

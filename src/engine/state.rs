@@ -12,11 +12,14 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollFlags};
 
-use super::client::{Client, ClientId, IdMap, Phase, Watch};
-use super::client_fd::{read_input, watch_writable};
+use super::client::{Client, ClientId, FdKind, IdMap, Phase, Watch};
+use super::client_fd::{full_fds, read_input, watch_writable};
 use super::queue::BufferQueue;
 use super::rules::{keep_from, limit_boundaries, recover_position, start_position};
-use super::types::{Chunk, ClientStatus, Listener, Payload, Settings, Streamheader, log};
+use super::types::{
+    Chunk, ClientStatus, Listener, OverloadPolicy, Payload, RecoverPolicy, Settings, Streamheader,
+    log,
+};
 use super::write::{Turn, write_turn};
 
 /// A worker's queue and clients, under its one lock, with the rules that move its
@@ -42,6 +45,10 @@ pub(super) struct WorkerState {
     pub(super) input: Vec<(RawFd, Vec<u8>)>,
     pub(super) sent: Vec<(RawFd, Payload)>,
     pub(super) running: bool,
+    /// Streaming threads waiting in `push` for the IO thread to catch up.
+    pub(super) backpressure_waiters: usize,
+    /// Until then most clients lag together (an overload): nobody is slow for it.
+    mass_lag_until: Option<Instant>,
     pub(super) bytes_to_serve: u64,
     pub(super) bytes_served: u64,
     pub(super) scratch: Vec<u8>,
@@ -51,6 +58,14 @@ pub(super) struct WorkerState {
     pub(super) epoll: Arc<Epoll>,
     pub(super) listener: Arc<dyn Listener>,
 }
+
+/// When at least this many clients, and more than half of them, are past
+/// `units-max` at once, the machine (IO threads, readers, network) cannot send what
+/// the stream asks, rather than some clients being slow: nobody is removed for it.
+const MASS_LAG_MIN: usize = 8;
+/// How long an overload of most clients lasts after it was last seen: readers that
+/// run a little later than the others are not taken for slow clients as it ends.
+const MASS_LAG_HOLD: Duration = Duration::from_millis(500);
 
 /// A client marked removed whose signals are still to be emitted: id, fd, status.
 pub(super) type Removal = (ClientId, RawFd, ClientStatus);
@@ -72,6 +87,8 @@ impl WorkerState {
             input: Vec::new(),
             sent: Vec::new(),
             running: false,
+            backpressure_waiters: 0,
+            mass_lag_until: None,
             bytes_to_serve: 0,
             bytes_served: 0,
             scratch: vec![0; 4096],
@@ -88,7 +105,9 @@ impl WorkerState {
             .is_some_and(|sh| sh.iter().any(|h| (**h).as_ref() == bytes))
     }
 
-    pub(super) fn push(&mut self, chunk: Chunk) {
+    /// Queues a buffer; returns how many buffers lagging clients skipped for it
+    /// (`OverloadPolicy::DropBuffers`).
+    pub(super) fn push(&mut self, chunk: Chunk) -> u64 {
         self.bytes_to_serve += chunk.len() as u64;
         let seq = self.queue.push(chunk, self.streamheader.clone());
         for id in std::mem::take(&mut self.idle) {
@@ -98,7 +117,7 @@ impl WorkerState {
             }
         }
         self.place_joining(seq);
-        self.enforce_limits();
+        self.enforce_limits()
     }
 
     /// Gives clients that wait to join a start position, now that buffer `seq` is in.
@@ -134,14 +153,17 @@ impl WorkerState {
         self.joining = still;
     }
 
-    /// Removes clients past `units-max`, recovers clients past `units-soft-max`, then
-    /// drops the buffers nobody needs.
-    pub(super) fn enforce_limits(&mut self) {
+    /// Removes clients past `units-max`, recovers clients past `units-soft-max` (only
+    /// those blocked on their own fd: see `judge`), then drops the buffers nobody
+    /// needs. Returns how many buffers lagging clients skipped for the sink's own
+    /// overload (`OverloadPolicy::DropBuffers`).
+    pub(super) fn enforce_limits(&mut self) -> u64 {
         let (hard, soft) = limit_boundaries(&self.queue, &self.settings);
         let boundary = match (hard, soft) {
             (Some(h), Some(s)) => Some(h.max(s)),
             (h, s) => h.or(s),
         };
+        let mut dropped = 0;
         if let (Some(boundary), Some(oldest)) = (boundary, self.queue.oldest_referenced())
             && oldest < boundary
         {
@@ -153,30 +175,114 @@ impl WorkerState {
                 .filter(|c| c.positioned && c.pos < boundary)
                 .map(|c| c.id)
                 .collect();
+            let shed = self.settings.overload_policy != OverloadPolicy::BackPressure;
+            let overload_boundary = hard.or(soft);
+            // Is their fd full now? Polled in one call. A blocked socket that polls
+            // writable has room its IO thread has not seen yet (the EPOLLOUT waits
+            // in the queue): not slow. A pipe's poll is exact, blocked or not; a
+            // socket that is not blocked is not asked (POLLOUT needs much of its
+            // buffer free, so only a write that gets EAGAIN tells).
+            let asked: Vec<RawFd> = laggards
+                .iter()
+                .map(|id| &self.clients[id])
+                .filter(|c| {
+                    c.watch == Watch::Epoll
+                        && (c.phase == Phase::Blocked || c.kind == FdKind::Stream)
+                })
+                .map(|c| c.fd)
+                .collect();
+            let full: IdMap<RawFd, bool> = asked.iter().copied().zip(full_fds(&asked)).collect();
+            let past_hard = laggards
+                .iter()
+                .filter(|id| hard.is_some_and(|h| self.clients[*id].pos < h))
+                .count();
+            let now = Instant::now();
+            if past_hard >= MASS_LAG_MIN && past_hard * 2 > self.live {
+                self.mass_lag_until = Some(now + MASS_LAG_HOLD);
+            }
+            let mass = self.mass_lag_until.is_some_and(|until| now < until);
+            if mass {
+                log!(
+                    self.listener,
+                    Debug,
+                    "{past_hard} of {} clients past units-max: overload, nobody removed",
+                    self.live
+                );
+            }
             for id in laggards {
-                let pos = self.clients[&id].pos;
-                if hard.is_some_and(|h| pos < h) {
-                    let fd = self.clients[&id].fd;
-                    log!(
-                        self.listener,
-                        Info,
-                        "client fd {fd}: too slow ({} buffers behind), removing",
-                        self.queue.next_seq() - pos
-                    );
-                    self.evict(id, ClientStatus::Slow);
-                } else if let Some(s) = soft.filter(|s| pos < *s) {
-                    self.recover(id, s);
+                let c = &self.clients[&id];
+                let is_full = match full.get(&c.fd) {
+                    Some(&full) => full,
+                    // Not pollable (a regular file never blocks).
+                    None => c.phase == Phase::Blocked,
+                };
+                if is_full && self.judge(id, hard, soft, mass) {
+                    continue;
+                }
+                let c = &self.clients[&id];
+                if shed && let Some(b) = overload_boundary.filter(|b| c.pos < *b) {
+                    // Behind because the IO thread has not reached it, or with most
+                    // clients at once: the sink is overloaded, not the client. Skip,
+                    // never kick.
+                    let policy = match self.settings.recover_policy {
+                        RecoverPolicy::None => RecoverPolicy::Keyframe,
+                        p => p,
+                    };
+                    dropped += self.recover(id, b, policy);
                 }
             }
         }
         let keep = keep_from(&mut self.queue, &self.settings);
         self.queue.trim_before(keep);
+        dropped
     }
 
-    fn recover(&mut self, id: ClientId, soft_boundary: u64) {
-        let policy = self.settings.recover_policy;
+    /// Judges a client whose fd is full: past `units-max` it is removed as slow
+    /// (unless most clients lag with it, `mass`), past `units-soft-max` it recovers.
+    /// True if it was removed or moved.
+    fn judge(&mut self, id: ClientId, hard: Option<u64>, soft: Option<u64>, mass: bool) -> bool {
+        let (pos, fd) = (self.clients[&id].pos, self.clients[&id].fd);
+        if hard.is_some_and(|h| pos < h) {
+            if mass {
+                return false;
+            }
+            log!(
+                self.listener,
+                Info,
+                "client fd {fd}: too slow ({} buffers behind, its fd full), removing",
+                self.queue.next_seq() - pos
+            );
+            self.evict(id, ClientStatus::Slow);
+            true
+        } else if let Some(s) = soft.filter(|s| pos < *s) {
+            self.recover(id, s, self.settings.recover_policy);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The position past which a client that is not blocked means the IO thread is
+    /// behind: `units-max`, else `units-soft-max` with a recover policy.
+    fn overload_boundary(&self) -> Option<u64> {
+        let (hard, soft) = limit_boundaries(&self.queue, &self.settings);
+        hard.or(soft)
+    }
+
+    /// Whether a client stands past the overload boundary: one the IO thread has not
+    /// reached yet, or one that blocked since `enforce_limits` last judged, or most
+    /// clients at once.
+    pub(super) fn io_behind(&mut self) -> bool {
+        match self.overload_boundary() {
+            Some(b) => self.queue.oldest_referenced().is_some_and(|o| o < b),
+            None => false,
+        }
+    }
+
+    /// Moves a client forward to where `policy` puts it; returns the buffers skipped.
+    fn recover(&mut self, id: ClientId, soft_boundary: u64, policy: RecoverPolicy) -> u64 {
         let Some(new) = recover_position(&self.queue, policy, soft_boundary) else {
-            return;
+            return 0;
         };
         let old = self.clients[&id].pos;
         self.queue.drop_ref(old);
@@ -187,10 +293,11 @@ impl WorkerState {
         log!(
             self.listener,
             Info,
-            "client fd {}: over soft limit, skipped {} buffers ({policy:?})",
+            "client fd {}: over the limit, skipped {} buffers ({policy:?})",
             c.fd,
             new - old,
         );
+        new - old
     }
 
     /// Marks a client removed: no more IO, out of epoll, its position released.
@@ -342,6 +449,8 @@ impl WorkerState {
             }
             Turn::Blocked => {
                 c.phase = Phase::Blocked;
+                // Past a limit, it is judged at the next push (or the next look
+                // of a push that waits), where whether most clients lag is known.
                 watch_writable(&self.epoll, c, true);
             }
             Turn::Yield => self.ready.push_back(id),
@@ -370,7 +479,8 @@ impl WorkerState {
         let expired: Vec<ClientId> = self
             .clients
             .values()
-            .filter(|c| c.phase != Phase::Removing && c.phase != Phase::Adding)
+            // A ready client waits for the IO thread, not for its peer.
+            .filter(|c| !matches!(c.phase, Phase::Removing | Phase::Adding | Phase::Ready))
             .filter(|c| now.saturating_duration_since(c.last_activity) > timeout)
             .map(|c| c.id)
             .collect();

@@ -191,6 +191,35 @@ pub struct Settings {
     /// How a client joins when nobody chose for it (the server's accepted sockets):
     /// the element's `sync-method` and burst.
     pub default_placement: ClientConfig,
+    /// What happens when the IO threads, not the clients, fall behind.
+    pub overload_policy: OverloadPolicy,
+}
+
+/// What the engine does when the IO threads cannot keep up with the stream: a
+/// client that is not blocked on its own fd is past the limit (`units-max`, or
+/// `units-soft-max` with a recover policy) only because its IO thread has not
+/// reached it yet. Such a client is never removed or recovered as slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OverloadPolicy {
+    /// `push` waits (bounded, and not while flushing) until the IO threads caught
+    /// up: every byte the machine can send is delivered and the source is slowed.
+    #[default]
+    BackPressure,
+    /// `push` never waits: lagging clients skip whole buffers, to where
+    /// `recover_policy` puts them (`keyframe` when it is `none`).
+    DropBuffers,
+    /// As `DropBuffers`, and the service refuses new clients while it lasts.
+    RefuseClients,
+}
+
+/// What one `Engine::push` met: how long it waited for the IO threads, and how many
+/// buffers lagging clients skipped for it (summed over clients).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushReport {
+    pub waited: Duration,
+    pub dropped: u64,
+    /// Some client was still past the limit, not blocked, when `push` returned.
+    pub behind: bool,
 }
 
 impl Default for Settings {
@@ -210,6 +239,7 @@ impl Default for Settings {
             resend_streamheader: true,
             qos_dscp: None,
             default_placement: ClientConfig::default(),
+            overload_policy: OverloadPolicy::BackPressure,
         }
     }
 }

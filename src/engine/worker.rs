@@ -11,7 +11,8 @@
 //! reuses it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -22,8 +23,25 @@ use super::directory::Directory;
 use super::state::{Removal, WorkerState};
 use super::token::Token;
 use super::types::{
-    AddOutcome, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, Payload, Settings, log,
+    AddOutcome, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, OverloadPolicy, Payload,
+    PushReport, Settings, log,
 };
+
+/// The longest one `push` waits for the IO thread (`OverloadPolicy::BackPressure`).
+/// A sweep over thousands of clients takes milliseconds; past this, something else
+/// is wrong and the buffer is queued anyway, with a warning.
+const MAX_BACKPRESSURE_WAIT: Duration = Duration::from_secs(1);
+
+/// How often a push waiting for the IO thread looks again at the clients that lag.
+const JUDGE_TICK: Duration = Duration::from_millis(10);
+
+/// How busy the IO thread was: the share of the last window it spent outside
+/// `epoll_wait`, and when that was measured.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Load {
+    pub(super) share: f64,
+    pub(super) at: Instant,
+}
 
 /// One IO thread's share of the clients and its copy of the queue (the buffers
 /// themselves are shared by all workers). The engine calls it from the
@@ -41,6 +59,12 @@ pub(super) struct Worker {
     /// The engine's table of which worker holds each fd: a removed client's fd
     /// leaves it just before `client-fd-removed`.
     directory: Arc<Mutex<Directory>>,
+    /// Signalled by the IO thread when no client is past the overload boundary any
+    /// more, for a `push` waiting under back-pressure.
+    pub(super) caught_up: Condvar,
+    /// Set while the element flushes or changes state: `push` does not wait.
+    flushing: AtomicBool,
+    pub(super) load: Mutex<Load>,
 }
 
 impl Worker {
@@ -61,6 +85,12 @@ impl Worker {
             pushers: AtomicUsize::new(0),
             listener,
             directory,
+            caught_up: Condvar::new(),
+            flushing: AtomicBool::new(false),
+            load: Mutex::new(Load {
+                share: 0.0,
+                at: Instant::now(),
+            }),
         })
     }
 
@@ -87,8 +117,28 @@ impl Worker {
     /// Refuses new clients and asks the IO thread to end.
     pub(super) fn halt(&self) {
         self.lock().running = false;
+        self.caught_up.notify_all();
         self.stop.store(true, Ordering::SeqCst);
         self.wake();
+    }
+
+    /// While flushing, `push` does not wait for the IO thread (and a waiting one
+    /// returns at once), so flushes and state changes never hang on back-pressure.
+    pub(super) fn set_flushing(&self, flushing: bool) {
+        let _st = self.lock();
+        self.flushing.store(flushing, Ordering::SeqCst);
+        self.caught_up.notify_all();
+    }
+
+    /// The IO thread's busy share over its last window; 0 when it has been waiting
+    /// in epoll since (it measures only when it runs).
+    pub(super) fn io_load(&self) -> f64 {
+        let load = *self.load.lock().unwrap_or_else(|e| e.into_inner());
+        if load.at.elapsed() > 2 * super::io_loop::LOAD_WINDOW {
+            0.0
+        } else {
+            load.share
+        }
     }
 
     /// Removes every client (status removed) and drops the queue and streamheader.
@@ -317,21 +367,55 @@ impl Worker {
         }
     }
 
-    /// Queues a buffer for every client. Never blocks on a client.
-    pub(super) fn push(&self, chunk: Chunk) {
+    /// Queues a buffer for every client. Never waits on a client; with
+    /// back-pressure, waits (bounded) for the IO thread when it is behind.
+    pub(super) fn push(&self, chunk: Chunk) -> PushReport {
         self.pushers.fetch_add(1, Ordering::AcqRel);
         let mut st = self.lock();
         self.pushers.fetch_sub(1, Ordering::AcqRel);
         if chunk.header && st.repeats_streamheader(&chunk) {
             // Already sent from the caps to every client that needs it.
-            return;
+            return PushReport::default();
         }
-        st.push(chunk);
-        let wake = !st.ready.is_empty() || !st.removed.is_empty();
-        drop(st);
-        if wake {
+        let dropped = st.push(chunk);
+        if !st.ready.is_empty() || !st.removed.is_empty() {
             self.wake();
         }
+        let mut report = PushReport {
+            dropped,
+            ..PushReport::default()
+        };
+        if st.settings.overload_policy == OverloadPolicy::BackPressure && st.io_behind() {
+            let start = Instant::now();
+            st.backpressure_waiters += 1;
+            while st.running && !self.flushing.load(Ordering::SeqCst) && st.io_behind() {
+                // Clients that blocked past the limit meanwhile are judged now.
+                st.enforce_limits();
+                if !st.removed.is_empty() {
+                    self.wake();
+                }
+                if !st.io_behind() {
+                    break;
+                }
+                let Some(left) = MAX_BACKPRESSURE_WAIT.checked_sub(start.elapsed()) else {
+                    log!(
+                        self.listener,
+                        Warning,
+                        "the IO thread did not catch up within {MAX_BACKPRESSURE_WAIT:?}; queueing on"
+                    );
+                    break;
+                };
+                st = self
+                    .caught_up
+                    .wait_timeout(st, left.min(JUDGE_TICK))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            st.backpressure_waiters -= 1;
+            report.waited = start.elapsed();
+        }
+        report.behind = st.io_behind();
+        report
     }
 
     pub(super) fn stats(&self, fd: Fd) -> Option<ClientStats> {

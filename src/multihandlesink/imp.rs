@@ -8,16 +8,16 @@
 use std::fmt;
 use std::os::fd::RawFd;
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use super::{RecoverPolicy, RsMultiHandleSinkExt, SyncMethod};
+use super::{OverloadPolicy, RecoverPolicy, RsMultiHandleSinkExt, SyncMethod};
 use crate::engine::{
-    self, AddOutcome, Amount, Chunk, ClientConfig, Engine, Listener, LogLevel, Unit,
+    self, AddOutcome, Amount, Chunk, ClientConfig, Engine, Listener, LogLevel, PushReport, Unit,
 };
 
 pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -44,6 +44,9 @@ const DEFAULT_QOS_DSCP: i32 = -1;
 const DEFAULT_IO_THREADS: u32 = 1;
 const MAX_IO_THREADS: u32 = 64;
 const DEFAULT_REQUEST_KEYFRAME: bool = false;
+const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
+/// An overload episode ends after this long without a push that met one.
+const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
 /// Property values, as the application set them.
 #[derive(Debug, Clone)]
@@ -67,6 +70,7 @@ struct Settings {
     qos_dscp: i32,
     io_threads: u32,
     request_keyframe: bool,
+    overload_policy: OverloadPolicy,
 }
 
 impl Default for Settings {
@@ -90,6 +94,7 @@ impl Default for Settings {
             qos_dscp: DEFAULT_QOS_DSCP,
             io_threads: DEFAULT_IO_THREADS,
             request_keyframe: DEFAULT_REQUEST_KEYFRAME,
+            overload_policy: DEFAULT_OVERLOAD_POLICY,
         }
     }
 }
@@ -135,6 +140,7 @@ impl Settings {
             resend_streamheader: self.resend_streamheader,
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
             default_placement,
+            overload_policy: self.overload_policy.into(),
         }
     }
 
@@ -214,10 +220,22 @@ impl Listener for SignalListener {
     }
 }
 
+/// An overload episode: pushes that met IO threads behind the stream, until one
+/// `OVERLOAD_QUIET` passes without.
+#[derive(Debug, Clone, Copy)]
+struct OverloadEpisode {
+    since: Instant,
+    last_seen: Instant,
+    waited: Duration,
+    dropped: u64,
+    bytes_served_at_start: u64,
+}
+
 #[derive(Default)]
 pub struct RsMultiHandleSink {
     settings: Mutex<Settings>,
     engine: OnceLock<Engine>,
+    overload: Mutex<Option<OverloadEpisode>>,
 }
 
 impl RsMultiHandleSink {
@@ -403,6 +421,82 @@ impl RsMultiHandleSink {
             }
         }
         Some(buffers)
+    }
+
+    /// Follows overload episodes from what each push met, and posts one warning on
+    /// the bus when one starts and one when it ends, with the figures.
+    fn track_overload(&self, report: PushReport) {
+        let overloaded = !report.waited.is_zero() || report.dropped > 0 || report.behind;
+        let now = Instant::now();
+        let mut episode = self.overload.lock().unwrap();
+        match (episode.as_mut(), overloaded) {
+            (Some(e), true) => {
+                e.last_seen = now;
+                e.waited += report.waited;
+                e.dropped += report.dropped;
+            }
+            (None, true) => {
+                let c = self.engine().counters();
+                *episode = Some(OverloadEpisode {
+                    since: now,
+                    last_seen: now,
+                    waited: report.waited,
+                    dropped: report.dropped,
+                    bytes_served_at_start: c.bytes_served,
+                });
+                drop(episode);
+                let policy = self.settings.lock().unwrap().overload_policy;
+                let load = self.engine().io_load();
+                gst::element_imp_warning!(
+                    self,
+                    gst::ResourceError::Write,
+                    ("overload: the IO threads cannot keep up with the stream"),
+                    [
+                        "overload started: {} clients, {} buffers queued, io-load {:.2}, policy {:?}",
+                        c.num_handles,
+                        c.buffers_queued,
+                        load,
+                        policy
+                    ],
+                    details: gst::Structure::builder("rsmultihandlesink-overload")
+                        .field("state", "started")
+                        .field("clients", c.num_handles)
+                        .field("buffers-queued", c.buffers_queued)
+                        .field("io-load", load)
+                        .build()
+                );
+            }
+            (Some(e), false) if now.duration_since(e.last_seen) >= OVERLOAD_QUIET => {
+                let e = *e;
+                *episode = None;
+                drop(episode);
+                let c = self.engine().counters();
+                let secs = now.duration_since(e.since).as_secs_f64();
+                let rate = (c.bytes_served - e.bytes_served_at_start) as f64 * 8.0 / secs;
+                gst::element_imp_warning!(
+                    self,
+                    gst::ResourceError::Write,
+                    ("overload over: the IO threads keep up with the stream again"),
+                    [
+                        "overload ended after {:.1} s: {} clients, served {:.1} Mbit/s, stream waited {:.1} s, {} buffers skipped",
+                        secs,
+                        c.num_handles,
+                        rate / 1e6,
+                        e.waited.as_secs_f64(),
+                        e.dropped
+                    ],
+                    details: gst::Structure::builder("rsmultihandlesink-overload")
+                        .field("state", "ended")
+                        .field("clients", c.num_handles)
+                        .field("duration", secs)
+                        .field("bits-per-second", rate)
+                        .field("waited", e.waited.as_secs_f64())
+                        .field("buffers-skipped", e.dropped)
+                        .build()
+                );
+            }
+            _ => {}
+        }
     }
 
     /// NULL→READY: the IO threads, then the subclass's `start_serving`.
@@ -612,6 +706,18 @@ impl ObjectImpl for RsMultiHandleSink {
                     .default_value(DEFAULT_IO_THREADS)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("overload-policy", DEFAULT_OVERLOAD_POLICY)
+                    .nick("Overload policy")
+                    .blurb("What to do when the IO threads cannot keep up with the stream (clients are never kicked for it)")
+                    .build(),
+                glib::ParamSpecDouble::builder("io-load")
+                    .nick("IO load")
+                    .blurb("How busy the busiest IO thread was over its last 100 ms (0 to 1)")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(0.0)
+                    .read_only()
+                    .build(),
                 glib::ParamSpecBoolean::builder("request-keyframe")
                     .nick("Request keyframe")
                     .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
@@ -666,6 +772,7 @@ impl ObjectImpl for RsMultiHandleSink {
                 return;
             }
             "request-keyframe" => s.request_keyframe = value.get().unwrap(),
+            "overload-policy" => s.overload_policy = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -694,6 +801,11 @@ impl ObjectImpl for RsMultiHandleSink {
             "resend-streamheader" => s.resend_streamheader.to_value(),
             "io-threads" => s.io_threads.to_value(),
             "request-keyframe" => s.request_keyframe.to_value(),
+            "overload-policy" => s.overload_policy.to_value(),
+            "io-load" => {
+                drop(s);
+                self.engine().io_load().to_value()
+            }
             name => {
                 drop(s);
                 let c = self.engine().counters();
@@ -787,7 +899,23 @@ impl BaseSinkImpl for RsMultiHandleSink {
             chunk.len(),
             buffer.pts()
         );
-        self.engine().push(chunk);
+        let report = self.engine().push(chunk);
+        self.track_overload(report);
         Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// A flush or a state change: a render waiting for the IO threads returns.
+    fn unlock(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(engine) = self.engine.get() {
+            engine.set_flushing(true);
+        }
+        Ok(())
+    }
+
+    fn unlock_stop(&self) -> Result<(), gst::ErrorMessage> {
+        if let Some(engine) = self.engine.get() {
+            engine.set_flushing(false);
+        }
+        Ok(())
     }
 }

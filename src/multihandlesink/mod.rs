@@ -338,6 +338,39 @@ pub enum ClientStatus {
     Flushing = 6,
 }
 
+/// What the sink does when its IO threads, not its clients, cannot keep up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, glib::Enum, Default)]
+#[repr(i32)]
+#[enum_type(name = "GstRsMultiHandleSinkOverloadPolicy")]
+pub enum OverloadPolicy {
+    #[default]
+    #[enum_value(
+        name = "Slow the stream down until the IO threads catch up",
+        nick = "back-pressure"
+    )]
+    BackPressure = 0,
+    #[enum_value(
+        name = "Lagging clients skip whole buffers (to a keyframe)",
+        nick = "drop-buffers"
+    )]
+    DropBuffers = 1,
+    #[enum_value(
+        name = "Skip buffers and refuse new clients while overloaded",
+        nick = "refuse-clients"
+    )]
+    RefuseClients = 2,
+}
+
+impl From<OverloadPolicy> for engine::OverloadPolicy {
+    fn from(p: OverloadPolicy) -> Self {
+        match p {
+            OverloadPolicy::BackPressure => engine::OverloadPolicy::BackPressure,
+            OverloadPolicy::DropBuffers => engine::OverloadPolicy::DropBuffers,
+            OverloadPolicy::RefuseClients => engine::OverloadPolicy::RefuseClients,
+        }
+    }
+}
+
 impl From<SyncMethod> for engine::SyncMethod {
     fn from(m: SyncMethod) -> Self {
         match m {
