@@ -19,7 +19,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::hist::Hist;
 use crate::os::{
-    C_BYTES, C_MEASURED_RECORDS, SharedCounters, die_with_parent, mono_ns, recv_fds,
+    C_BYTES, C_COMPLETE, C_PUSHED, SharedCounters, die_with_parent, mono_ns, recv_fds,
     set_nonblocking, usage_self, watchdog,
 };
 use crate::spec::{FLAG_MEASURED, MAGIC, STAMP, Transport, is_stalled, parse_enum, parse_kv};
@@ -59,6 +59,14 @@ impl Rx {
             gaps: 0,
             broken: false,
         }
+    }
+}
+
+impl Rx {
+    /// Whether this stream has arrived up to the last of `pushed` buffers, with every
+    /// stamp in its place.
+    fn is_whole(&self, pushed: u64) -> bool {
+        !self.broken && self.off == 0 && self.next_seq == Some(pushed)
     }
 }
 
@@ -134,10 +142,7 @@ struct Complete {
 
 impl Complete {
     fn of(rxs: &[Rx], pushed: u64) -> Complete {
-        let whole: Vec<&Rx> = rxs
-            .iter()
-            .filter(|rx| !rx.broken && rx.off == 0 && rx.next_seq == Some(pushed))
-            .collect();
+        let whole: Vec<&Rx> = rxs.iter().filter(|rx| rx.is_whole(pushed)).collect();
         Complete {
             clients: whole.len() as u64,
             gap_clients: whole.iter().filter(|rx| rx.gaps > 0).count() as u64,
@@ -296,11 +301,12 @@ fn drain(
     let mut buf = vec![0u8; 256 * 1024];
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut open = rxs.len();
+    let mut timeout = EpollTimeout::from(100u16);
     while open > 0 {
         if Instant::now() > end {
             return (stats, open, true);
         }
-        let k = match epoll.wait(&mut events, EpollTimeout::from(100u16)) {
+        let k = match epoll.wait(&mut events, timeout) {
             Ok(k) => k,
             Err(Errno::EINTR) => 0,
             Err(e) => panic!("epoll_wait: {e}"),
@@ -319,14 +325,21 @@ fn drain(
             if r > 0 {
                 stats.consume(rx, &buf[..r as usize], size, mono_ns());
                 counters.get(C_BYTES).store(stats.bytes, Ordering::Release);
-                counters
-                    .get(C_MEASURED_RECORDS)
-                    .store(stats.measured_records, Ordering::Release);
             } else if r == 0 || !matches!(Errno::last(), Errno::EAGAIN | Errno::EINTR) {
                 let fd = rx.fd.take().unwrap();
                 let _ = epoll.delete(&fd);
                 open -= 1;
             }
+        }
+        // The producer is done: tell the sink how many streams are whole (it waits
+        // for every client it kept).
+        let pushed = counters.get(C_PUSHED).load(Ordering::Acquire);
+        if pushed > 0 {
+            let whole = rxs.iter().filter(|rx| rx.is_whole(pushed)).count();
+            counters
+                .get(C_COMPLETE)
+                .store(whole as u64, Ordering::Release);
+            timeout = EpollTimeout::from(10u16);
         }
     }
     (stats, open, false)

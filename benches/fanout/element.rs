@@ -198,10 +198,10 @@ impl ElementRun {
             }
         }
         meter.end_window();
-        let want = p.measured_pushed;
         let flushed = wait_flushed(
             counters,
-            || want * self.alive(n) as u64,
+            p.seq,
+            || self.alive(n) as u64,
             || std::thread::sleep(Duration::from_millis(2)),
         );
         let m = meter.finish(

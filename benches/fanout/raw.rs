@@ -222,11 +222,12 @@ pub fn run_raw(
         }
     }
     meter.end_window();
-    let want = p.measured_pushed * f.alive as u64;
+    let readers = f.alive as u64;
     let next = p.seq;
     let flushed = wait_flushed(
         counters,
-        || want,
+        next,
+        || readers,
         || f.handle_events(next, EpollTimeout::from(2u16)),
     );
     meter.finish(&p, f.kicked, f.lost, f.removed, flushed)

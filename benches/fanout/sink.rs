@@ -20,7 +20,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use crate::element::ElementRun;
 use crate::hist::Hist;
 use crate::os::{
-    C_BYTES, C_MEASURED_RECORDS, FDS_PER_MSG, SharedCounters, Usage, die_with_parent, send_fds,
+    C_BYTES, C_COMPLETE, C_PUSHED, FDS_PER_MSG, SharedCounters, Usage, die_with_parent, send_fds,
     usage_self, watchdog,
 };
 use crate::raw::run_raw;
@@ -193,18 +193,21 @@ impl Producer {
     }
 }
 
-/// Waits until the drain has every measured buffer for the live clients, or nothing
-/// moved for a while. Returns whether everything arrived.
+/// Waits until every live client that reads has received the last of the `pushed`
+/// buffers (streams arrive in order, so it has every measured buffer the sink sent
+/// it), or nothing moved for a while. Returns whether everything arrived.
 pub fn wait_flushed(
     counters: &SharedCounters,
-    want: impl Fn() -> u64,
+    pushed: u64,
+    readers: impl Fn() -> u64,
     mut step: impl FnMut(),
 ) -> bool {
+    counters.get(C_PUSHED).store(pushed, Ordering::Release);
     let limit = Instant::now() + Duration::from_secs(15);
     let mut last = counters.get(C_BYTES).load(Ordering::Acquire);
     let mut last_change = Instant::now();
     loop {
-        if counters.get(C_MEASURED_RECORDS).load(Ordering::Acquire) >= want() {
+        if counters.get(C_COMPLETE).load(Ordering::Acquire) >= readers() {
             return true;
         }
         let now = Instant::now();
