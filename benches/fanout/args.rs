@@ -2,7 +2,8 @@
 
 //! The orchestrator's options.
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::spec::{Elem, Transport};
 use crate::system::raise_fd_limit;
@@ -21,7 +22,14 @@ pub enum Mode {
     Raw,
     /// Matrix, then sustain
     All,
+    /// The overload scenario of issue 9: 5000 unix clients asked for 2000 buffers/s
+    /// each, units-max=200, 50 then 0 stalled, rs and C, medians of 3 (each of these
+    /// can be changed by its option)
+    Overload,
 }
+
+/// The overload scenario's buffers per second asked of every client.
+pub const OVERLOAD_BUFFERS_PER_S: u64 = 2000;
 
 /// rsmultifdsink vs C multifdsink (vs a raw writev loop), loopback only
 #[derive(Debug, Clone, Parser)]
@@ -94,6 +102,23 @@ pub struct Opts {
     /// Also write every run as CSV (scripts/bench-plot.py)
     #[arg(long, value_name = "PATH")]
     pub csv: Option<String>,
+    /// Clients that never read (spread over the clients; their sockets fill up), per
+    /// case [overload: 50,0]
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub stalled: Vec<usize>,
+    /// rsmultifdsink's io-threads; a list runs one rs variant each (rs-io1, rs-io2)
+    /// [default: the element's]
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
+    pub io_threads: Vec<u32>,
+    /// units-max (buffers) for every element, instead of the one derived from
+    /// --max-lag or --window [overload: 200]
+    #[arg(long, value_name = "BUFFERS", value_parser = clap::value_parser!(i64).range(1..))]
+    pub units_max: Option<i64>,
+    /// Sets a property of rsmultifdsink only (after the common settings), e.g.
+    /// overload-policy=drop-buffers; repeatable. An unknown property or value stops
+    /// the benchmark before any run
+    #[arg(long, alias = "prop", value_name = "NAME=VALUE", value_parser = parse_prop)]
+    pub rs_prop: Vec<(String, String)>,
     /// Before each run, wait up to this many seconds for the machine to be idle
     /// (other processes under 10 % of the CPUs); every run records the CPU other
     /// processes used meanwhile (foreign%)
@@ -107,6 +132,15 @@ fn parse_buffer_size(s: &str) -> Result<usize, String> {
         return Err("buffer size must be at least 64 bytes (the stamp)".into());
     }
     Ok(size)
+}
+
+fn parse_prop(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !s.contains(char::is_whitespace) => {
+            Ok((k.to_string(), v.to_string()))
+        }
+        _ => Err(format!("{s:?} is not NAME=VALUE (without spaces)")),
+    }
 }
 
 fn parse_paced_bitrate(s: &str) -> Result<u64, String> {
@@ -136,8 +170,34 @@ impl Opts {
     /// The options from the command line (without the program name), with the
     /// defaults that depend on the mode and the fd limit filled in.
     pub fn parse(args: &[String]) -> Result<Opts, clap::Error> {
-        let mut o =
-            Opts::try_parse_from(std::iter::once("fanout").chain(args.iter().map(String::as_str)))?;
+        let matches = Opts::command().try_get_matches_from(
+            std::iter::once("fanout").chain(args.iter().map(String::as_str)),
+        )?;
+        let mut o = Opts::from_arg_matches(&matches)?;
+        if o.mode == Mode::Overload {
+            let default = |id: &str| matches.value_source(id) != Some(ValueSource::CommandLine);
+            if default("elements") {
+                o.elements = vec![Elem::Rs, Elem::C];
+            }
+            if default("transport") {
+                o.transport = vec![Transport::Unix];
+            }
+            if default("clients") {
+                o.clients = vec![5000];
+            }
+            if default("bitrate") {
+                o.bitrate = vec![Some(OVERLOAD_BUFFERS_PER_S * o.size[0] as u64 * 8)];
+            }
+            if default("units_max") {
+                o.units_max = Some(200);
+            }
+            if default("stalled") {
+                o.stalled = vec![50, 0];
+            }
+            if default("reps") {
+                o.reps = 3;
+            }
+        }
         if o.mode == Mode::Raw {
             o.elements = vec![Elem::Raw];
         } else if o.elements.is_empty() {

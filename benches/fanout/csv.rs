@@ -9,11 +9,12 @@ use crate::report::Row;
 const HEADER: &str = "mode,transport,clients,size,bitrate,element,rep,status,duration_s,\
 pushed_bytes,delivered_bytes,delivered_ratio,push_rate_ratio,cpu_s,cpu_user_s,cpu_sys_s,\
 cpu_s_per_gb,kicked,lost,p50_ms,p99_ms,max_ms,peak_rss_mb,rss_per_client_kb,gbit_s,\
-drain_cpu_s,gaps,flushed,nvcsw,setup_s,loadavg,busy_before_pct,foreign_pct,push_p99_us,push_max_us";
+drain_cpu_s,gaps,flushed,nvcsw,setup_s,loadavg,busy_before_pct,foreign_pct,push_p99_us,push_max_us,io_threads,units_max,rs_props,stalled,\
+stalled_removed,others_removed,kept,kept_exact,kept_gap_clients,kept_gaps";
 
 fn line(r: &Row) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{:.3},{},{},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.4},{:.4},{:.2},{:.3},{:.4},{:.4},{},{},{},{:.3},{:.2},{:.1},{:.1},{:.1},{:.1}",
+        "{},{},{},{},{},{},{},{},{:.3},{},{},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.4},{:.4},{:.2},{:.3},{:.4},{:.4},{},{},{},{:.3},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{},{},{},{}",
         r.mode,
         r.transport,
         r.clients,
@@ -48,7 +49,17 @@ fn line(r: &Row) -> String {
         r.busy_before_pct,
         r.foreign_pct,
         r.push_p99_us,
-        r.push_max_us
+        r.push_max_us,
+        r.io_threads,
+        r.units_max,
+        r.rs_props,
+        r.stalled,
+        r.stalled_removed,
+        r.others_removed,
+        r.kept,
+        r.kept_exact,
+        r.kept_gap_clients,
+        r.kept_gaps
     )
 }
 

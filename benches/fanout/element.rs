@@ -3,7 +3,7 @@
 //! One element run: `rsmultifdsink` or the C `multifdsink` fed by a src pad of our
 //! own, every client fd added, the producer's schedule pushed through it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 
 use crate::os::SharedCounters;
-use crate::sink::{Measured, Meter, Next, Producer, wait_flushed};
+use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed};
 use crate::spec::{Elem, FLAG_MEASURED, Spec, write_stamp};
 use crate::system::init_gstreamer;
 
@@ -20,9 +20,83 @@ pub struct ElementRun {
     sink: gst::Element,
     src: gst::Pad,
     pool: gst::BufferPool,
-    kicked: Arc<AtomicUsize>,
-    lost: Arc<AtomicUsize>,
+    removals: Arc<Removals>,
     owned: Arc<Mutex<HashMap<RawFd, OwnedFd>>>,
+}
+
+/// What `client-removed` reported during the run (the removals at the final state
+/// change to NULL, status `removed`, are not counted).
+#[derive(Default)]
+struct Removals {
+    /// Status `slow`: over units-max.
+    kicked: AtomicUsize,
+    /// Any other status (error, closed, ...).
+    lost: AtomicUsize,
+    stalled: AtomicUsize,
+    others: AtomicUsize,
+    stalled_fds: Mutex<HashSet<RawFd>>,
+}
+
+impl Removals {
+    fn removed(&self) -> Removed {
+        Removed {
+            stalled: self.stalled.load(Ordering::SeqCst),
+            others: self.others.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// The value of a rsmultifdsink property from its text, or why it cannot be set.
+fn prop_value(sink: &gst::Element, name: &str, text: &str) -> Result<gst::glib::Value, String> {
+    let pspec = sink
+        .find_property(name)
+        .ok_or_else(|| format!("rsmultifdsink has no property {name:?} (in this build)"))?;
+    if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
+        return Err(format!("rsmultifdsink's {name:?} is read-only"));
+    }
+    let value = gst::glib::Value::deserialize(text, pspec.value_type())
+        .ok()
+        .filter(|v| in_range(&pspec, v))
+        .ok_or_else(|| {
+            format!(
+                "{text:?} is not a valid value of rsmultifdsink's {name:?} ({})",
+                pspec.value_type()
+            )
+        })?;
+    Ok(value)
+}
+
+/// Whether GLib would take `value` for the property as it is (setting an out-of-range
+/// value panics in glib-rs).
+fn in_range(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> bool {
+    use gst::glib::translate::{ToGlibPtr, ToGlibPtrMut};
+    let mut probe = value.clone();
+    // SAFETY: both pointers are valid for the call; g_param_value_validate only
+    // changes `probe`, our copy, and returns whether it had to.
+    let changed = unsafe {
+        gst::glib::gobject_ffi::g_param_value_validate(
+            pspec.to_glib_none().0,
+            probe.to_glib_none_mut().0,
+        )
+    };
+    changed == 0
+}
+
+/// The properties `--io-threads` and `--rs-prop` will set on rsmultifdsink, each
+/// checked on an element of this build, so a wrong one stops the benchmark before
+/// the first run.
+pub fn check_rs_props(io_threads: &[u32], props: &[(String, String)]) -> Result<(), String> {
+    init_gstreamer();
+    let sink = gst::ElementFactory::make("rsmultifdsink")
+        .build()
+        .map_err(|e| format!("rsmultifdsink: {e}"))?;
+    let io = io_threads
+        .iter()
+        .map(|n| ("io-threads".to_string(), n.to_string()));
+    for (name, text) in io.chain(props.iter().cloned()) {
+        prop_value(&sink, &name, &text)?;
+    }
+    Ok(())
 }
 
 impl ElementRun {
@@ -39,20 +113,34 @@ impl ElementRun {
         sink.set_property("sync", false);
         sink.set_property_from_str("unit-format", "buffers");
         sink.set_property("units-max", spec.units_max);
+        if elem == Elem::Rs {
+            let io = spec
+                .io_threads
+                .map(|n| ("io-threads".to_string(), n.to_string()));
+            for (name, text) in io.iter().chain(&spec.rs_props) {
+                let value = prop_value(&sink, name, text).unwrap_or_else(|e| panic!("{e}"));
+                sink.set_property_from_value(name, &value);
+            }
+        }
 
-        let kicked = Arc::new(AtomicUsize::new(0));
-        let lost = Arc::new(AtomicUsize::new(0));
+        let removals = Arc::new(Removals::default());
         let owned: Arc<Mutex<HashMap<RawFd, OwnedFd>>> = Default::default();
-        let (k, l) = (kicked.clone(), lost.clone());
+        let r = removals.clone();
         sink.connect("client-removed", false, move |args| {
+            let fd = args[1].get::<i32>().unwrap();
             let status = gst::glib::EnumValue::from_value(&args[2])
                 .map(|(_, v)| v.nick())
                 .unwrap_or("?");
             match status {
-                "slow" => k.fetch_add(1, Ordering::SeqCst),
-                "removed" => 0,
-                _ => l.fetch_add(1, Ordering::SeqCst),
+                "removed" => return None,
+                "slow" => r.kicked.fetch_add(1, Ordering::SeqCst),
+                _ => r.lost.fetch_add(1, Ordering::SeqCst),
             };
+            if r.stalled_fds.lock().unwrap().contains(&fd) {
+                r.stalled.fetch_add(1, Ordering::SeqCst);
+            } else {
+                r.others.fetch_add(1, Ordering::SeqCst);
+            }
             None
         });
         let o = owned.clone();
@@ -66,18 +154,30 @@ impl ElementRun {
             sink,
             src,
             pool: buffer_pool(spec.size),
-            kicked,
-            lost,
+            removals,
             owned,
         }
     }
 
-    fn alive(&self, n: usize) -> usize {
-        n.saturating_sub(self.kicked.load(Ordering::SeqCst) + self.lost.load(Ordering::SeqCst))
+    /// Clients that read and are still there, of `readers`.
+    fn alive(&self, readers: usize) -> usize {
+        readers.saturating_sub(self.removals.others.load(Ordering::SeqCst))
     }
 
-    pub fn run(self, spec: &Spec, fds: Vec<OwnedFd>, counters: &SharedCounters) -> Measured {
-        let n = fds.len();
+    pub fn run(
+        self,
+        spec: &Spec,
+        fds: Vec<OwnedFd>,
+        stalled: &[bool],
+        counters: &SharedCounters,
+    ) -> Measured {
+        let n = stalled.iter().filter(|s| !**s).count();
+        *self.removals.stalled_fds.lock().unwrap() = fds
+            .iter()
+            .zip(stalled)
+            .filter(|(_, s)| **s)
+            .map(|(fd, _)| fd.as_raw_fd())
+            .collect();
         self.add_all(fds);
         let mut p = Producer::new(spec);
         let mut meter = Meter::new();
@@ -98,16 +198,17 @@ impl ElementRun {
             }
         }
         meter.end_window();
-        let want = p.measured_pushed;
         let flushed = wait_flushed(
             counters,
-            || want * self.alive(n) as u64,
+            p.seq,
+            || self.alive(n) as u64,
             || std::thread::sleep(Duration::from_millis(2)),
         );
         let m = meter.finish(
             &p,
-            self.kicked.load(Ordering::SeqCst),
-            self.lost.load(Ordering::SeqCst),
+            self.removals.kicked.load(Ordering::SeqCst),
+            self.removals.lost.load(Ordering::SeqCst),
+            self.removals.removed(),
             flushed,
         );
         let _ = self.sink.set_state(gst::State::Null);

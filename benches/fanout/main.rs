@@ -9,6 +9,8 @@
 //!     --size 4K --bitrate max,2M --reps 3 --csv bench.csv
 //! cargo bench --bench fanout -- --mode sustain --transport unix
 //! cargo bench --bench fanout -- --mode raw --clients 1000
+//! cargo bench --bench fanout -- --mode overload --rs-prop overload-policy=drop-buffers
+//! cargo bench --bench fanout -- --elements rs,c --io-threads 1,2 --stalled 50
 //! ```
 //!
 //! `--help` lists every option. `cargo bench` passes `--bench`; without it (as
@@ -28,7 +30,11 @@
 //!   received (or stalled), divided by the bytes the drain received for measured
 //!   buffers. The drain's CPU is not counted (it is reported in the CSV).
 //! * Both elements get the same settings: `sync=false`, `unit-format=buffers`,
-//!   `units-max` = max lag (paced) or a large bound (unpaced), everything else default.
+//!   `units-max` = max lag (paced) or a large bound (unpaced) or `--units-max`,
+//!   everything else default (rsmultifdsink: plus `--io-threads` and `--rs-prop`).
+//! * `--stalled N`: N clients never read; the sink process counts the stalled and the
+//!   other clients the element removes, and the drain checks that every other
+//!   client's stream is whole and gap-free up to the last buffer pushed.
 
 #[path = "../common/system.rs"]
 mod system;

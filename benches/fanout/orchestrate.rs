@@ -11,31 +11,60 @@ use std::time::{Duration, Instant};
 
 use crate::args::{FD_RESERVE, Mode, Opts, client_limit};
 use crate::csv::Csv;
+use crate::element::check_rs_props;
 use crate::os::{children_cpu, usage_self};
-use crate::report::{Row, print_case, progress, ratio};
-use crate::spec::{Elem, Spec, Transport, parse_kv};
+use crate::report::{Row, print_case, print_removals, progress, ratio};
+use crate::spec::{Elem, Spec, Transport, Variant, parse_kv};
 use crate::system::{init_gstreamer, raise_fd_limit};
 use crate::units::{fmt_bitrate, fmt_size};
 
-fn make_spec(
-    o: &Opts,
-    elem: Elem,
-    t: Transport,
+/// One case: what every element runs in it.
+#[derive(Clone, Copy)]
+struct Case {
+    transport: Transport,
     clients: usize,
     size: usize,
     bitrate: Option<u64>,
-) -> Spec {
+    stalled: usize,
+}
+
+/// The elements to run, rs once per `--io-threads` value.
+fn variants(o: &Opts) -> Vec<Variant> {
+    o.elements
+        .iter()
+        .flat_map(|&elem| {
+            let io: Vec<Option<u32>> = match elem {
+                Elem::Rs if !o.io_threads.is_empty() => {
+                    o.io_threads.iter().map(|&n| Some(n)).collect()
+                }
+                _ => vec![None],
+            };
+            io.into_iter()
+                .map(move |io_threads| Variant { elem, io_threads })
+        })
+        .collect()
+}
+
+fn make_spec(o: &Opts, v: Variant, case: Case) -> Spec {
+    let Case {
+        transport: t,
+        clients,
+        size,
+        bitrate,
+        stalled,
+    } = case;
     let window = (o.window as u64)
         .min(o.window_total as u64 / clients.max(1) as u64)
         .max(2 * size as u64);
-    let units_max = match bitrate {
-        Some(b) => ((o.max_lag * b as f64 / 8.0 / size as f64).ceil() as i64).max(4),
+    let units_max = match (o.units_max, bitrate) {
+        (Some(n), _) => n,
+        (None, Some(b)) => ((o.max_lag * b as f64 / 8.0 / size as f64).ceil() as i64).max(4),
         // Unpaced: the window bounds the lag; kick only a client that stalls.
-        None => (8 * window / size as u64).max(64) as i64,
+        (None, None) => (8 * window / size as u64).max(64) as i64,
     };
     let setup = 30.0 + clients as f64 * 0.004;
     Spec {
-        elem,
+        elem: v.elem,
         transport: t,
         clients,
         size,
@@ -45,6 +74,12 @@ fn make_spec(
         units_max,
         window,
         deadline: setup + o.warmup + o.duration + 40.0,
+        stalled,
+        io_threads: v.io_threads,
+        rs_props: match v.elem {
+            Elem::Rs => o.rs_prop.clone(),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -193,70 +228,102 @@ impl Output {
 /// Every case of the matrix, each element `reps` times, and its table.
 fn run_matrix(o: &Opts, out: &mut Output) {
     let limit = client_limit();
-    let mode = if o.mode == Mode::Raw { "raw" } else { "matrix" };
-    for &t in &o.transport {
+    let mode = match o.mode {
+        Mode::Raw => "raw",
+        Mode::Overload => "overload",
+        _ => "matrix",
+    };
+    for &transport in &o.transport {
         for &size in &o.size {
             for &bitrate in &o.bitrate {
                 for &clients in &o.clients {
                     if clients > limit {
                         println!(
                             "\n{} clients={clients}: skipped (more than the fd limit {} - {FD_RESERVE} per process)",
-                            t.name(),
+                            transport.name(),
                             limit + FD_RESERVE
                         );
                         continue;
                     }
-                    run_case(o, mode, t, clients, size, bitrate, out);
+                    for &stalled in &o.stalled {
+                        if stalled >= clients {
+                            println!(
+                                "\n{} clients={clients} stalled={stalled}: skipped (no client would read)",
+                                transport.name()
+                            );
+                            continue;
+                        }
+                        let case = Case {
+                            transport,
+                            clients,
+                            size,
+                            bitrate,
+                            stalled,
+                        };
+                        run_case(o, mode, case, out);
+                    }
                 }
             }
         }
     }
 }
 
-fn run_case(
-    o: &Opts,
-    mode: &str,
-    t: Transport,
-    clients: usize,
-    size: usize,
-    bitrate: Option<u64>,
-    out: &mut Output,
-) {
-    let mut by_elem: Vec<(Elem, Vec<Row>)> = o.elements.iter().map(|&e| (e, Vec::new())).collect();
+fn run_case(o: &Opts, mode: &str, case: Case, out: &mut Output) {
+    let variants = variants(o);
+    let mut by_elem: Vec<(String, Vec<Row>)> =
+        variants.iter().map(|v| (v.label(), Vec::new())).collect();
     for rep in 0..o.reps {
         // Alternate the order so no element always runs on a warm cache.
-        let mut order = o.elements.clone();
+        let mut order: Vec<(usize, Variant)> = variants.iter().copied().enumerate().collect();
         let k = rep % order.len();
         order.rotate_left(k);
-        for e in order {
-            let spec = make_spec(o, e, t, clients, size, bitrate);
+        for (i, v) in order {
+            let spec = make_spec(o, v, case);
             let row = run_row(o, &spec, mode, rep, out);
-            by_elem
-                .iter_mut()
-                .find(|(x, _)| *x == e)
-                .unwrap()
-                .1
-                .push(row);
+            by_elem[i].1.push(row);
         }
     }
-    let spec = make_spec(o, o.elements[0], t, clients, size, bitrate);
-    let window = match bitrate {
+    let spec = make_spec(o, variants[0], case);
+    let window = match case.bitrate {
         None => format!(", window {} per client", fmt_size(spec.window as usize)),
         Some(_) => String::new(),
     };
+    let stalled = match case.stalled {
+        0 => String::new(),
+        n => format!(", {n} stalled"),
+    };
+    let props = match o.rs_prop.is_empty() {
+        true => String::new(),
+        false => format!(
+            ", rs: {}",
+            spec.rs_props
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    };
     print_case(
         &format!(
-            "{} clients={} size={} bitrate={}/client (units-max={} buffers{window})",
-            t.name(),
-            clients,
-            fmt_size(size),
-            fmt_bitrate(bitrate),
+            "{} clients={} size={} bitrate={}/client (units-max={} buffers{window}{stalled}{props})",
+            case.transport.name(),
+            case.clients,
+            fmt_size(case.size),
+            fmt_bitrate(case.bitrate),
             spec.units_max,
         ),
         &by_elem,
         o.reps,
-        bitrate.is_none(),
+        case.bitrate.is_none(),
     );
+    if case.stalled > 0 || o.mode == Mode::Overload {
+        print_removals(
+            &by_elem,
+            case.clients,
+            case.stalled,
+            o.mode == Mode::Overload,
+        );
+    }
 }
 
 /// One cell of the sustain table: the highest client count sustained, and whether
@@ -264,19 +331,25 @@ fn run_case(
 struct Sustained {
     transport: Transport,
     bitrate: u64,
-    elem: Elem,
+    variant: Variant,
     clients: usize,
     capped: bool,
 }
 
 /// Doubles the client count from --sustain-start until a run is not sustained, then
 /// bisects.
-fn search(o: &Opts, t: Transport, bitrate: u64, e: Elem, out: &mut Output) -> Sustained {
-    let size = o.size[0];
+fn search(o: &Opts, t: Transport, bitrate: u64, v: Variant, out: &mut Output) -> Sustained {
     let (mut lo, mut hi): (usize, Option<usize>) = (0, None);
     let mut n = o.sustain_start.min(o.sustain_max).max(1);
     for _trial in 0..20 {
-        let spec = make_spec(o, e, t, n, size, Some(bitrate));
+        let case = Case {
+            transport: t,
+            clients: n,
+            size: o.size[0],
+            bitrate: Some(bitrate),
+            stalled: 0,
+        };
+        let spec = make_spec(o, v, case);
         let row = run_row(o, &spec, "sustain-trial", 0, out);
         let ok = row.sustained();
         eprintln!(
@@ -304,7 +377,7 @@ fn search(o: &Opts, t: Transport, bitrate: u64, e: Elem, out: &mut Output) -> Su
     Sustained {
         transport: t,
         bitrate,
-        elem: e,
+        variant: v,
         clients: lo,
         capped: hi.is_none(),
     }
@@ -314,15 +387,15 @@ fn run_sustain(o: &Opts, out: &mut Output) {
     let mut results = Vec::new();
     for &t in &o.transport {
         for &bitrate in &o.sustain_bitrates {
-            for &e in &o.elements {
-                let s = search(o, t, bitrate, e, out);
+            for v in variants(o) {
+                let s = search(o, t, bitrate, v, out);
                 out.csv.row(&Row {
                     mode: "sustain".into(),
                     transport: t.name().into(),
                     clients: s.clients,
                     size: o.size[0],
                     bitrate: fmt_bitrate(Some(bitrate)),
-                    elem: e.name().into(),
+                    elem: v.label(),
                     status: if s.capped { "capped" } else { "ok" }.into(),
                     duration_s: o.duration,
                     ..Row::default()
@@ -331,7 +404,7 @@ fn run_sustain(o: &Opts, out: &mut Output) {
                     "  => {} {} {}: {}{} clients sustained",
                     t.name(),
                     fmt_bitrate(Some(bitrate)),
-                    e.name(),
+                    v.label(),
                     if s.capped { ">= " } else { "" },
                     s.clients
                 );
@@ -351,29 +424,42 @@ fn print_sustain_table(o: &Opts, results: &[Sustained]) {
         o.max_lag,
         o.duration
     );
+    let variants = variants(o);
+    let rs: Vec<Variant> = variants
+        .iter()
+        .copied()
+        .filter(|v| v.elem == Elem::Rs)
+        .collect();
+    let has_c = o.elements.contains(&Elem::C);
     print!("  {:<6} {:>9}", "", "bitrate");
-    for e in &o.elements {
-        print!(" {:>9}", e.name());
+    for v in &variants {
+        print!(" {:>9}", v.label());
     }
-    if o.elements.contains(&Elem::Rs) && o.elements.contains(&Elem::C) {
-        print!(" {:>7}", "rs/C");
+    for v in rs.iter().filter(|_| has_c) {
+        print!(" {:>9}", format!("{}/C", v.label()));
     }
     println!();
     for &t in &o.transport {
         for &b in &o.sustain_bitrates {
             print!("  {:<6} {:>9}", t.name(), fmt_bitrate(Some(b)));
-            let get = |e: Elem| {
+            let get = |v: Variant| {
                 results
                     .iter()
-                    .find(|r| r.transport == t && r.bitrate == b && r.elem == e)
+                    .find(|r| r.transport == t && r.bitrate == b && r.variant == v)
             };
-            for &e in &o.elements {
-                let r = get(e).unwrap();
+            for &v in &variants {
+                let r = get(v).unwrap();
                 let at_least = if r.capped { ">=" } else { "" };
                 print!(" {:>9}", format!("{at_least}{}", r.clients));
             }
-            if let (Some(a), Some(c)) = (get(Elem::Rs), get(Elem::C)) {
-                print!(" {:>7}", ratio(a.clients as f64, c.clients as f64));
+            let c = Variant {
+                elem: Elem::C,
+                io_threads: None,
+            };
+            for &v in rs.iter().filter(|_| has_c) {
+                if let (Some(a), Some(c)) = (get(v), get(c)) {
+                    print!(" {:>9}", ratio(a.clients as f64, c.clients as f64));
+                }
             }
             println!();
         }
@@ -384,6 +470,12 @@ fn print_sustain_table(o: &Opts, results: &[Sustained]) {
 pub fn orchestrate(o: &Opts, out: &mut Output) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     init_gstreamer();
+    if o.elements.contains(&Elem::Rs)
+        && let Err(e) = check_rs_props(&o.io_threads, &o.rs_prop)
+    {
+        eprintln!("fanout-bench: {e}");
+        std::process::exit(2);
+    }
     println!("fanout-bench: rsmultifdsink vs multifdsink, loopback only");
     println!(
         "  machine: {} CPUs, Linux {}, {}, fd limit {}, load {:.2}",

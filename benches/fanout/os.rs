@@ -116,9 +116,11 @@ pub struct SharedCounters {
 unsafe impl Send for SharedCounters {}
 unsafe impl Sync for SharedCounters {}
 
-/// Slots of the shared page: bytes received, measured buffers received.
+/// Slots of the shared page: bytes received (drain), buffers pushed once the producer
+/// is done (sink; 0 before), clients whose stream has reached the last of them (drain).
 pub const C_BYTES: usize = 0;
-pub const C_MEASURED_RECORDS: usize = 1;
+pub const C_PUSHED: usize = 1;
+pub const C_COMPLETE: usize = 2;
 
 impl SharedCounters {
     pub fn create() -> SharedCounters {

@@ -3,6 +3,8 @@
 //! The floor: one thread, the same producer schedule, and for each client one
 //! `writev` of everything it has not sent yet (up to IOV_MAX buffers), epoll
 //! (edge-triggered EPOLLOUT) for clients whose socket is full, the same units-max kick.
+//! A stalled client is no different: its socket fills, it stays blocked and is kicked
+//! once it is units-max behind.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -11,7 +13,7 @@ use nix::libc;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::os::{SharedCounters, set_nonblocking};
-use crate::sink::{Measured, Meter, Next, Producer, wait_flushed};
+use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed};
 use crate::spec::{FLAG_MEASURED, Spec, write_stamp};
 
 /// Most buffers in one `writev`.
@@ -23,6 +25,7 @@ struct Client {
     pos: u64,
     off: usize,
     blocked: bool,
+    stalled: bool,
 }
 
 /// The ring of the last buffers and every client's place in it.
@@ -35,14 +38,16 @@ struct Fanout {
     events: Vec<EpollEvent>,
     kicked: usize,
     lost: usize,
+    removed: Removed,
+    /// Clients that read and are still there.
     alive: usize,
 }
 
 impl Fanout {
-    fn new(spec: &Spec, fds: Vec<OwnedFd>, ring_len: usize) -> Fanout {
+    fn new(spec: &Spec, fds: Vec<OwnedFd>, stalled: &[bool], ring_len: usize) -> Fanout {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).unwrap();
         let mut clients = Vec::with_capacity(fds.len());
-        for (i, fd) in fds.into_iter().enumerate() {
+        for (i, (fd, &stalled)) in fds.into_iter().zip(stalled).enumerate() {
             set_nonblocking(fd.as_raw_fd());
             epoll
                 .add(
@@ -55,11 +60,12 @@ impl Fanout {
                 pos: 0,
                 off: 0,
                 blocked: false,
+                stalled,
             });
         }
         Fanout {
             epoll,
-            alive: clients.len(),
+            alive: clients.iter().filter(|c| !c.stalled).count(),
             clients,
             ring: (0..ring_len).map(|_| vec![0u8; spec.size]).collect(),
             size: spec.size,
@@ -67,6 +73,19 @@ impl Fanout {
             events: vec![EpollEvent::empty(); 1024],
             kicked: 0,
             lost: 0,
+            removed: Removed::default(),
+        }
+    }
+
+    /// Client `i` is gone (its fd closed): counts it as stalled or not.
+    fn remove(&mut self, i: usize) {
+        let c = &mut self.clients[i];
+        c.fd = None;
+        if c.stalled {
+            self.removed.stalled += 1;
+        } else {
+            self.removed.others += 1;
+            self.alive -= 1;
         }
     }
 
@@ -112,9 +131,8 @@ impl Fanout {
 
     /// The client failed: closes it.
     fn lose(&mut self, i: usize) {
-        self.clients[i].fd = None;
+        self.remove(i);
         self.lost += 1;
-        self.alive -= 1;
     }
 
     /// Writes to the clients epoll says are writable again.
@@ -141,9 +159,8 @@ impl Fanout {
                 continue;
             }
             if next - c.pos > units_max {
-                c.fd = None; // too slow: kicked (closes the fd)
+                self.remove(i); // too slow: kicked (closes the fd)
                 self.kicked += 1;
-                self.alive -= 1;
             } else if !c.blocked && !self.write_client(i, next) {
                 self.lose(i);
             }
@@ -168,7 +185,12 @@ impl Client {
     }
 }
 
-pub fn run_raw(spec: &Spec, fds: Vec<OwnedFd>, counters: &SharedCounters) -> Measured {
+pub fn run_raw(
+    spec: &Spec,
+    fds: Vec<OwnedFd>,
+    stalled: &[bool],
+    counters: &SharedCounters,
+) -> Measured {
     // SAFETY: ignoring SIGPIPE: a closed peer is EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // Unpaced, the floor writes what accumulated in one call, as a batching IO thread
@@ -178,7 +200,7 @@ pub fn run_raw(spec: &Spec, fds: Vec<OwnedFd>, counters: &SharedCounters) -> Mea
         None => ((128 << 10) / spec.size).clamp(1, 64),
     };
     let ring_len = spec.units_max.max(1) as usize + batch + 2;
-    let mut f = Fanout::new(spec, fds, ring_len);
+    let mut f = Fanout::new(spec, fds, stalled, ring_len);
     let mut p = Producer::new(spec);
     let mut meter = Meter::new();
     loop {
@@ -200,14 +222,15 @@ pub fn run_raw(spec: &Spec, fds: Vec<OwnedFd>, counters: &SharedCounters) -> Mea
         }
     }
     meter.end_window();
-    let want = p.measured_pushed * f.alive as u64;
+    let readers = f.alive as u64;
     let next = p.seq;
     let flushed = wait_flushed(
         counters,
-        || want,
+        next,
+        || readers,
         || f.handle_events(next, EpollTimeout::from(2u16)),
     );
-    meter.finish(&p, f.kicked, f.lost, flushed)
+    meter.finish(&p, f.kicked, f.lost, f.removed, flushed)
 }
 
 /// Stamps the next buffers into the ring: one, or up to `batch` while the producer

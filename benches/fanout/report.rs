@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::orchestrate::Noise;
-use crate::spec::{Elem, Spec};
+use crate::spec::Spec;
 use crate::units::{fmt_bitrate, fmt_size};
 
 /// One finished run, with the derived figures.
@@ -41,12 +41,30 @@ pub struct Row {
     pub gbit_s: f64,
     pub drain_cpu_s: f64,
     pub gaps: u64,
+    /// Streams whose stamp was not where it should be.
+    pub bad: u64,
     pub flushed: bool,
     pub nvcsw: i64,
     pub setup_s: f64,
     pub loadavg: f64,
     pub busy_before_pct: f64,
     pub foreign_pct: f64,
+    pub io_threads: u32,
+    pub units_max: i64,
+    /// `--rs-prop` settings, `name=value;name=value`.
+    pub rs_props: String,
+    pub stalled: usize,
+    pub stalled_removed: u64,
+    pub others_removed: u64,
+    /// Clients that read and were not removed.
+    pub kept: u64,
+    /// Clients whose stream arrived whole (in order, framing intact, up to the last
+    /// buffer pushed) and without a skipped buffer.
+    pub kept_exact: u64,
+    /// Clients whose stream arrived up to the last buffer but skipped buffers, and
+    /// how many buffers they skipped in all.
+    pub kept_gap_clients: u64,
+    pub kept_gaps: u64,
 }
 
 /// The run's status: the sink's, or the drain's when only that one failed.
@@ -72,7 +90,8 @@ impl Row {
         let size = spec.size as u64;
         let pushed_bytes = u("measured_pushed") * size;
         let delivered = u("d_measured_records") * size;
-        let expected = pushed_bytes * spec.clients as u64;
+        let readers = spec.clients.saturating_sub(spec.stalled) as u64;
+        let expected = pushed_bytes * readers;
         let cpu = f("cpu_user_s") + f("cpu_sys_s");
         let duration = spec.duration;
         let peak = u("peak_rss_kb");
@@ -82,7 +101,7 @@ impl Row {
             clients: spec.clients,
             size: spec.size,
             bitrate: fmt_bitrate(spec.bitrate),
-            elem: spec.elem.name().into(),
+            elem: spec.label(),
             rep,
             status: status(r),
             duration_s: duration,
@@ -118,13 +137,38 @@ impl Row {
             gbit_s: delivered as f64 * 8.0 / duration / 1e9,
             drain_cpu_s: f("d_cpu_s"),
             gaps: u("d_gaps"),
+            bad: u("d_bad"),
             flushed: r.get("flushed").is_some_and(|v| v == "true"),
             nvcsw: u("nvcsw") as i64,
             setup_s: f("setup_s"),
             loadavg: noise.load,
             busy_before_pct: noise.busy_before * 100.0,
             foreign_pct: noise.foreign_pct,
+            io_threads: spec.io_threads.unwrap_or(0),
+            units_max: spec.units_max,
+            rs_props: spec
+                .rs_props
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(";"),
+            stalled: spec.stalled,
+            stalled_removed: u("stalled_removed"),
+            others_removed: u("others_removed"),
+            kept: readers.saturating_sub(u("others_removed")),
+            kept_exact: u("d_complete").saturating_sub(u("d_complete_gap_clients")),
+            kept_gap_clients: u("d_complete_gap_clients"),
+            kept_gaps: u("d_complete_gaps"),
         }
+    }
+
+    /// Every kept client received its whole stream, exact and without a gap (and
+    /// no stream anywhere had a bad stamp).
+    pub fn kept_exact_ok(&self) -> bool {
+        self.status == "ok"
+            && self.kept_exact == self.kept
+            && self.kept_gap_clients == 0
+            && self.bad == 0
     }
 
     /// Kept up: nobody kicked or lost, everything delivered, the producer on time.
@@ -231,15 +275,16 @@ pub fn ratio(a: f64, b: f64) -> String {
 }
 
 fn table_line(label: &str, cells: &[String], tail: &str) {
-    let mut out = format!("  {label:<7}");
+    let mut out = format!("  {label:<10}");
     for c in cells {
         let _ = write!(out, " {c:>9}");
     }
     println!("{out}{tail}");
 }
 
-/// The table of one case: each element's medians, then rs against C and raw.
-pub fn print_case(title: &str, by_elem: &[(Elem, Vec<Row>)], reps: usize, unpaced: bool) {
+/// The table of one case: each element's medians, then rs (each variant) against C
+/// and raw.
+pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpaced: bool) {
     println!();
     println!("{title}  (median of {reps})");
     if unpaced {
@@ -250,17 +295,19 @@ pub fn print_case(title: &str, by_elem: &[(Elem, Vec<Row>)], reps: usize, unpace
     }
     let header: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
     table_line("element", &header, "");
-    let meds: Vec<(Elem, Med)> = by_elem
+    let meds: Vec<(&str, Med)> = by_elem
         .iter()
-        .map(|(e, rows)| (*e, medians(rows)))
+        .map(|(e, rows)| (e.as_str(), medians(rows)))
         .collect();
     for (e, m) in &meds {
-        table_line(e.name(), &m.cells(), &m.status);
+        table_line(e, &m.cells(), &m.status);
     }
-    let get = |e: Elem| meds.iter().find(|(x, _)| *x == e).map(|(_, m)| m);
-    for (label, other) in [("rs/C", Elem::C), ("rs/raw", Elem::Raw)] {
-        if let (Some(a), Some(b)) = (get(Elem::Rs), get(other)) {
-            table_line(label, &a.ratios(b), "");
+    let get = |e: &str| meds.iter().find(|(x, _)| *x == e).map(|(_, m)| m);
+    for (rs, a) in meds.iter().filter(|(e, _)| e.starts_with("rs")) {
+        for (other, name) in [("c", "C"), ("raw", "raw")] {
+            if let Some(b) = get(other) {
+                table_line(&format!("{rs}/{name}"), &a.ratios(b), "");
+            }
         }
     }
     let foreign: Vec<f64> = by_elem
@@ -275,10 +322,114 @@ pub fn print_case(title: &str, by_elem: &[(Elem, Vec<Row>)], reps: usize, unpace
     );
 }
 
+/// Who was removed in one case, per element (medians over the repetitions): the
+/// stalled clients, the others, and whether every kept client's stream was whole,
+/// exact and gap-free in every repetition. With `targets`, the overload targets of
+/// issue 9 against these figures.
+pub fn print_removals(
+    by_elem: &[(String, Vec<Row>)],
+    clients: usize,
+    stalled: usize,
+    targets: bool,
+) {
+    let others = clients - stalled;
+    println!(
+        "  removals: {stalled} stalled clients (never read), {others} others; 'exact' = every kept \
+         client got every buffer\n  from its first to the last pushed, in order, no gap, in every repetition"
+    );
+    println!(
+        "  {:<10} {:>10} {:>10} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9}",
+        "element",
+        "stalled rm",
+        "others rm",
+        "others%",
+        "kept",
+        "exact",
+        "gap cl",
+        "Gbit/s",
+        "push%"
+    );
+    let m = |rows: &[Row], f: fn(&Row) -> f64| median(rows.iter().map(f).collect());
+    let gbit = |e: &str| {
+        by_elem
+            .iter()
+            .find(|(x, _)| x == e)
+            .map(|(_, rows)| m(rows, |r| r.gbit_s))
+    };
+    for (e, rows) in by_elem {
+        let exact = rows.iter().filter(|r| r.kept_exact_ok()).count();
+        println!(
+            "  {:<10} {:>10} {:>10} {:>7.1}% {:>10} {:>9} {:>9} {:>7.2} {:>8.1}%",
+            e,
+            format!("{:.0}/{stalled}", m(rows, |r| r.stalled_removed as f64)),
+            format!("{:.0}/{others}", m(rows, |r| r.others_removed as f64)),
+            m(rows, |r| r.others_removed as f64) / others.max(1) as f64 * 100.0,
+            format!("{:.0}", m(rows, |r| r.kept as f64)),
+            format!("{exact}/{} runs", rows.len()),
+            format!("{:.0}", m(rows, |r| r.kept_gap_clients as f64)),
+            m(rows, |r| r.gbit_s),
+            m(rows, |r| r.push_rate_ratio) * 100.0,
+        );
+    }
+    let c = gbit("c");
+    for (e, _) in by_elem.iter().filter(|(e, _)| e.starts_with("rs")) {
+        if let (Some(a), Some(c)) = (gbit(e), c) {
+            println!("  {e}/C delivered throughput: {}", ratio(a, c));
+        }
+    }
+    if !targets {
+        return;
+    }
+    // Issue 9's targets, for every rs variant: all stalled removed and at most 1 % of
+    // the others (none when nobody stalls), exact kept streams, 1.5x C's throughput.
+    for (e, rows) in by_elem.iter().filter(|(e, _)| e.starts_with("rs")) {
+        let yes = |ok: bool| if ok { "met" } else { "NOT met" };
+        let worst_others = rows.iter().map(|r| r.others_removed).max().unwrap_or(0);
+        let all_stalled = rows.iter().all(|r| r.stalled_removed == stalled as u64);
+        let exact = rows.iter().all(Row::kept_exact_ok);
+        let removed_ok = if stalled > 0 {
+            worst_others as f64 <= 0.01 * others as f64
+        } else {
+            worst_others == 0
+        };
+        let mut line = if stalled > 0 {
+            format!(
+                "  targets for {e}: all stalled removed {}; at most 1% of the others removed {} \
+                 (worst run: {worst_others})",
+                yes(all_stalled),
+                yes(removed_ok)
+            )
+        } else {
+            format!(
+                "  targets for {e}: no client removed {} (worst run: {worst_others})",
+                yes(removed_ok)
+            )
+        };
+        let _ = write!(line, "; kept streams exact {}", yes(exact));
+        if let (Some(a), Some(c), true) = (gbit(e), c, stalled > 0) {
+            let _ = write!(
+                line,
+                "; >= 1.5x C's throughput {} ({})",
+                yes(a >= 1.5 * c),
+                ratio(a, c)
+            );
+        }
+        println!("{line}");
+    }
+}
+
 /// One line per run on stderr while the benchmark goes on.
 pub fn progress(r: &Row) {
+    let stalled = if r.stalled > 0 {
+        format!(
+            " ({} stalled: {} removed, others removed {}, kept exact {}/{})",
+            r.stalled, r.stalled_removed, r.others_removed, r.kept_exact, r.kept
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "  [{} {} n={} {} {} rep{}] {:<3} cpu {:.3} s/GB, deliv {:.2}%, kicked {}, p99 {:.2} ms, {:.2} Gbit/s, push p99 {:.0} us, drain cpu {:.2} s, other procs {:.0}% {}",
+        "  [{} {} n={} {} {} rep{}] {:<3} cpu {:.3} s/GB, deliv {:.2}%, kicked {}{stalled}, p99 {:.2} ms, {:.2} Gbit/s, push p99 {:.0} us, drain cpu {:.2} s, other procs {:.0}% {}",
         r.mode,
         r.transport,
         r.clients,

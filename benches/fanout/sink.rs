@@ -20,11 +20,11 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use crate::element::ElementRun;
 use crate::hist::Hist;
 use crate::os::{
-    C_BYTES, C_MEASURED_RECORDS, FDS_PER_MSG, SharedCounters, Usage, die_with_parent, send_fds,
+    C_BYTES, C_COMPLETE, C_PUSHED, FDS_PER_MSG, SharedCounters, Usage, die_with_parent, send_fds,
     usage_self, watchdog,
 };
 use crate::raw::run_raw;
-use crate::spec::{Elem, Spec, Transport, parse_kv};
+use crate::spec::{Elem, Spec, Transport, is_stalled, parse_kv};
 use crate::system::{proc_status_kib, raise_fd_limit};
 
 /// What the sink process measured.
@@ -36,11 +36,20 @@ pub struct Measured {
     pub measured_pushed: u64,
     pub kicked: usize,
     pub lost: usize,
+    pub removed: Removed,
     pub peak_rss_kb: u64,
     pub flushed: bool,
     /// Time the producer spent in each measured push (element) or fan-out (raw).
     pub push_p99_ns: u64,
     pub push_max_ns: u64,
+}
+
+/// Clients the sink removed during the run (for any reason), by whether they were
+/// stalled.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Removed {
+    pub stalled: usize,
+    pub others: usize,
 }
 
 /// The measured window, from the first measured push: CPU, wall time and the time
@@ -86,7 +95,14 @@ impl Meter {
     }
 
     /// Everything arrived (or stalled): the figures of the run.
-    pub fn finish(self, p: &Producer, kicked: usize, lost: usize, flushed: bool) -> Measured {
+    pub fn finish(
+        self,
+        p: &Producer,
+        kicked: usize,
+        lost: usize,
+        removed: Removed,
+        flushed: bool,
+    ) -> Measured {
         Measured {
             usage: usage_self().since(self.u0.unwrap_or_default()),
             window_s: self.window_s,
@@ -95,6 +111,7 @@ impl Meter {
             measured_pushed: p.measured_pushed,
             kicked,
             lost,
+            removed,
             peak_rss_kb: proc_status_kib("VmHWM:"),
             flushed,
             push_p99_ns: self.push.quantile(0.99),
@@ -111,7 +128,8 @@ pub struct Producer {
     interval: Option<f64>,
     pub seq: u64,
     pub measured_pushed: u64,
-    /// Bytes that should reach the drain, summed at each push over live clients.
+    /// Bytes that should reach the drain, summed at each push over the live clients
+    /// that read (stalled ones never do).
     expected: u64,
     window_per_client: u64,
 }
@@ -175,18 +193,21 @@ impl Producer {
     }
 }
 
-/// Waits until the drain has every measured buffer for the live clients, or nothing
-/// moved for a while. Returns whether everything arrived.
+/// Waits until every live client that reads has received the last of the `pushed`
+/// buffers (streams arrive in order, so it has every measured buffer the sink sent
+/// it), or nothing moved for a while. Returns whether everything arrived.
 pub fn wait_flushed(
     counters: &SharedCounters,
-    want: impl Fn() -> u64,
+    pushed: u64,
+    readers: impl Fn() -> u64,
     mut step: impl FnMut(),
 ) -> bool {
+    counters.get(C_PUSHED).store(pushed, Ordering::Release);
     let limit = Instant::now() + Duration::from_secs(15);
     let mut last = counters.get(C_BYTES).load(Ordering::Acquire);
     let mut last_change = Instant::now();
     loop {
-        if counters.get(C_MEASURED_RECORDS).load(Ordering::Acquire) >= want() {
+        if counters.get(C_COMPLETE).load(Ordering::Acquire) >= readers() {
             return true;
         }
         let now = Instant::now();
@@ -226,6 +247,7 @@ impl Drain {
             .arg(format!("size={}", spec.size))
             .arg(format!("port={port}"))
             .arg(format!("deadline={}", spec.deadline + 5.0))
+            .arg(format!("stalled={}", spec.stalled))
             .stdin(Stdio::from(ctl_drain))
             .stdout(Stdio::piped())
             .spawn()
@@ -258,8 +280,10 @@ impl Drain {
         ours
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits for the drain's READY; returns the ports of its stalled TCP clients.
+    fn wait_ready(&mut self) -> Vec<u16> {
         let mut line = String::new();
+        let mut stalled_ports = Vec::new();
         loop {
             line.clear();
             if self.out.read_line(&mut line).unwrap_or(0) == 0 {
@@ -267,19 +291,34 @@ impl Drain {
                 println!("RESULT status=drain-failed");
                 std::process::exit(2);
             }
+            if let Some(ports) = line.trim().strip_prefix("STALLED") {
+                stalled_ports = ports
+                    .split_whitespace()
+                    .map(|p| p.parse().unwrap())
+                    .collect();
+            }
             if line.trim() == "READY" {
-                return;
+                return stalled_ports;
             }
         }
     }
 
-    /// The drain's figures, once every client fd is closed (it sees EOF everywhere).
-    fn result(mut self) -> BTreeMap<String, String> {
+    /// The drain's figures, once every client fd is closed (it sees EOF everywhere):
+    /// tells it how many buffers were pushed, which also ends the stalled clients.
+    fn result(self, pushed: u64) -> BTreeMap<String, String> {
+        let Drain {
+            mut child,
+            mut out,
+            ctl,
+        } = self;
+        let mut ctl = std::fs::File::from(ctl);
+        let _ = writeln!(ctl, "END pushed={pushed}");
+        drop(ctl);
         let mut line = String::new();
         let mut result = BTreeMap::new();
         loop {
             line.clear();
-            if self.out.read_line(&mut line).unwrap_or(0) == 0 {
+            if out.read_line(&mut line).unwrap_or(0) == 0 {
                 break;
             }
             if let Some(rest) = line.strip_prefix("RESULT ") {
@@ -287,7 +326,7 @@ impl Drain {
                 break;
             }
         }
-        let _ = self.child.wait();
+        let _ = child.wait();
         result
     }
 }
@@ -302,12 +341,15 @@ fn listen() -> TcpListener {
 }
 
 /// TCP: accepts on a thread of its own while the element is set up and the drain
-/// connects.
-fn accept_all(l: &TcpListener, n: usize) -> JoinHandle<Vec<OwnedFd>> {
+/// connects; each connection with the drain's port.
+fn accept_all(l: &TcpListener, n: usize) -> JoinHandle<Vec<(OwnedFd, u16)>> {
     let l = l.try_clone().expect("listener clone");
     std::thread::spawn(move || {
         (0..n)
-            .map(|_| OwnedFd::from(l.accept().expect("accept").0))
+            .map(|_| {
+                let (s, peer) = l.accept().expect("accept");
+                (OwnedFd::from(s), peer.port())
+            })
             .collect()
     })
 }
@@ -332,25 +374,40 @@ pub fn main(args: &[String]) {
     let base_rss_kb = proc_status_kib("VmRSS:");
     let setup_start = Instant::now();
 
-    // The clients: our ends stay here, the other ends go to the drain.
-    let ours = match acceptor {
-        None => drain.pass_socketpairs(spec.clients),
-        Some(a) => a.join().expect("accept thread"),
+    // The clients: our ends stay here, the other ends go to the drain. UNIX clients
+    // are in the drain's order; TCP ones are known by the drain's port.
+    let (ours, stalled): (Vec<OwnedFd>, Vec<bool>) = match acceptor {
+        None => {
+            let ours = drain.pass_socketpairs(spec.clients);
+            drain.wait_ready();
+            let stalled = (0..ours.len())
+                .map(|i| is_stalled(i, spec.clients, spec.stalled))
+                .collect();
+            (ours, stalled)
+        }
+        Some(a) => {
+            let accepted = a.join().expect("accept thread");
+            let ports = drain.wait_ready();
+            accepted
+                .into_iter()
+                .map(|(fd, port)| (fd, ports.contains(&port)))
+                .unzip()
+        }
     };
-    drain.wait_ready();
     let setup_s = setup_start.elapsed().as_secs_f64();
 
     let m = match element {
-        Some(e) => e.run(&spec, ours, &counters),
-        None => run_raw(&spec, ours, &counters),
+        Some(e) => e.run(&spec, ours, &stalled, &counters),
+        None => run_raw(&spec, ours, &stalled, &counters),
     };
     // Every client fd is closed now: the drain sees EOF everywhere and reports.
     drop(listener);
-    let drain_result = drain.result();
+    let drain_result = drain.result(m.pushed);
     let mut out = format!(
         "RESULT status=ok elem={} cpu_user_s={:.4} cpu_sys_s={:.4} nvcsw={} nivcsw={} window_s={:.4} \
-         flush_s={:.4} flushed={} pushed={} measured_pushed={} kicked={} lost={} base_rss_kb={} \
-         peak_rss_kb={} setup_s={:.3} push_p99_ns={} push_max_ns={}",
+         flush_s={:.4} flushed={} pushed={} measured_pushed={} kicked={} lost={} \
+         stalled_removed={} others_removed={} base_rss_kb={} peak_rss_kb={} setup_s={:.3} \
+         push_p99_ns={} push_max_ns={}",
         spec.elem.name(),
         m.usage.user,
         m.usage.sys,
@@ -363,6 +420,8 @@ pub fn main(args: &[String]) {
         m.measured_pushed,
         m.kicked,
         m.lost,
+        m.removed.stalled,
+        m.removed.others,
         base_rss_kb,
         m.peak_rss_kb,
         setup_s,

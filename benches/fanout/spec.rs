@@ -34,6 +34,23 @@ impl Elem {
     }
 }
 
+/// An element with the IO threads it runs with (rs only; None: the default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Variant {
+    pub elem: Elem,
+    pub io_threads: Option<u32>,
+}
+
+impl Variant {
+    /// As the tables name it: `rs-io2` when `--io-threads` chose the IO threads.
+    pub fn label(self) -> String {
+        match (self.elem, self.io_threads) {
+            (Elem::Rs, Some(n)) => format!("rs-io{n}"),
+            (e, _) => e.name().to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
 pub enum Transport {
     Unix,
@@ -69,6 +86,12 @@ pub struct Spec {
     pub window: u64,
     /// The sink process gives up after this many seconds.
     pub deadline: f64,
+    /// Clients whose reader never reads (see `is_stalled`).
+    pub stalled: usize,
+    /// rsmultifdsink's `io-threads`; None leaves the element's default.
+    pub io_threads: Option<u32>,
+    /// More rsmultifdsink properties (`--rs-prop`), set after the common ones.
+    pub rs_props: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -84,7 +107,16 @@ impl Spec {
             format!("units_max={}", self.units_max),
             format!("window={}", self.window),
             format!("deadline={}", self.deadline),
+            format!("stalled={}", self.stalled),
+            format!("io_threads={}", self.io_threads.unwrap_or(0)),
         ]
+        .into_iter()
+        .chain(
+            self.rs_props
+                .iter()
+                .map(|(k, v)| format!("{RS_PROP}{k}={v}")),
+        )
+        .collect()
     }
 
     pub fn from_args(args: &[String]) -> Spec {
@@ -101,13 +133,38 @@ impl Spec {
             units_max: get("units_max").parse().unwrap(),
             window: get("window").parse().unwrap(),
             deadline: get("deadline").parse().unwrap(),
+            stalled: get("stalled").parse().unwrap(),
+            io_threads: Some(get("io_threads").parse::<u32>().unwrap()).filter(|&n| n > 0),
+            rs_props: kv
+                .iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(RS_PROP)?.to_string(), v.clone())))
+                .collect(),
         }
+    }
+
+    pub fn label(&self) -> String {
+        Variant {
+            elem: self.elem,
+            io_threads: self.io_threads,
+        }
+        .label()
     }
 
     /// Seconds between two buffers when paced.
     pub fn interval(&self) -> Option<f64> {
         self.bitrate.map(|b| self.size as f64 * 8.0 / b as f64)
     }
+}
+
+/// Prefix of the `key=value` arguments that carry `--rs-prop` properties.
+const RS_PROP: &str = "rsprop.";
+
+/// Whether client `i` of `n` never reads: `stalled` of them, spread evenly over the
+/// clients (the same answer in the sink and the drain process).
+pub fn is_stalled(i: usize, n: usize, stalled: usize) -> bool {
+    // i * stalled mod n takes each multiple of gcd(stalled, n) below n gcd times,
+    // so exactly `stalled` indices land under `stalled`.
+    stalled > 0 && (i * stalled) % n < stalled
 }
 
 /// `k=v k=v` to a map.
