@@ -52,7 +52,7 @@ mod watchdog;
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -63,7 +63,7 @@ use checks::{AtEnd, Finals};
 use clients::Ledger;
 use stream::{KF_INTERVAL, MAX_LEN};
 use system::{init_gstreamer, proc_status_kib, raise_fd_limit};
-use watchdog::Beat;
+use watchdog::{Beat, Watchdog};
 
 pub use report::Report;
 
@@ -218,19 +218,26 @@ fn wait_ledger(
 /// Runs the scenario; returns its figures and checks.
 pub fn run(opts: &Options) -> Report {
     init_gstreamer();
+    raise_fd_limit(8192);
+    let mut report = Report::default();
+    report.append(churn(opts));
+    report.finish()
+}
+
+/// The churn phase.
+fn churn(opts: &Options) -> Report {
     watchdog::watch_panics();
     handlers::seed_thread_rngs(opts.seed);
-    raise_fd_limit(8192);
     let start = Instant::now();
     let ctx = Ctx::new(opts, start);
     handlers::connect(&ctx);
 
     let main_beat = ctx.beat("main".into());
-    let watchdog_stop = Arc::new(AtomicBool::new(false));
-    let watchdog_thread = {
-        let (weak, stop) = (Arc::downgrade(&ctx), watchdog_stop.clone());
-        std::thread::spawn(move || watchdog::watchdog(weak, stop))
-    };
+    let weak = Arc::downgrade(&ctx);
+    let watchdog = Watchdog::start(ctx.beats.clone(), move || {
+        weak.upgrade()
+            .map_or_else(String::new, |ctx| app::ledger_report(&ctx))
+    });
     threads::set_state(&ctx, gst::State::Playing);
     let rss_baseline = proc_status_kib("VmRSS:").max(proc_status_kib("VmHWM:"));
     let threads = Threads::start(&ctx);
@@ -244,8 +251,7 @@ pub fn run(opts: &Options) -> Report {
     );
     let end = wind_down(&ctx, &main_beat, threads);
     main_beat.done();
-    watchdog_stop.store(true, Ordering::Relaxed);
-    watchdog_thread.join().expect("watchdog");
+    watchdog.stop();
     let elapsed = start.elapsed();
     // Every queued buffer at the largest size, a partly written buffer per client,
     // and room for threads, readers and the allocator.
