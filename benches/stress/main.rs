@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! stress: `rsmultifdsink` under churn, faults and concurrent API calls; see
-//! `scenario` for what it does and checks.
+//! stress: `rsmultifdsink` under churn, faults and concurrent API calls, then under
+//! overload; see `scenario` for what it does and checks.
 //!
 //! ```text
 //! cargo bench --bench stress                         # short form (1,000 clients)
+//! cargo bench --bench stress -- --phase overload      # only the overload phase
 //! cargo bench --bench stress -- --long               # long form: 10,000 clients
 //! cargo bench --bench stress -- --seed 7 --clients 2000
+//! cargo bench --bench stress -- --long --phase overload
 //! ```
 //!
 //! It prints its figures, one per line, then one line per check and `stress: N
@@ -17,29 +19,48 @@
 
 mod scenario;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
-use scenario::Options;
+use scenario::{Options, Plan};
 
-/// rsmultifdsink under churn, faults and concurrent API calls
+/// Which phases run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phases {
+    /// The churn phase, then the overload phase
+    All,
+    /// Clients connecting and leaving, faults, API calls and state cycles
+    Churn,
+    /// A producer far faster than the IO side, with stalled and slow clients
+    Overload,
+}
+
+/// rsmultifdsink under churn, faults and concurrent API calls, then under overload
 #[derive(Debug, Parser)]
 #[command(
     name = "stress",
     override_usage = "cargo bench --bench stress -- [OPTIONS]"
 )]
 struct Args {
-    /// The short form: 1,000 clients (the default)
+    /// The short form: 1,000 clients; overload with 200 clients (5 stalled, 10 slow)
+    /// for 2 s (the default)
     #[arg(long, overrides_with = "long")]
     short: bool,
-    /// The long form: 10,000 clients, 300 at once, more state cycles
+    /// The long form: 10,000 clients, 300 at once, more state cycles; overload with
+    /// 5,000 clients (50 stalled, 200 slow) for 15 s
     #[arg(long, overrides_with = "short")]
     long: bool,
+    /// Which phases to run
+    #[arg(long, value_enum, default_value = "all")]
+    phase: Phases,
     /// Seed of every random choice
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
-    /// New clients to add (instead of the form's number)
+    /// New clients to add in the churn phase (instead of the form's number)
     #[arg(long, value_name = "N")]
     clients: Option<u64>,
+    /// The overload phase's io-threads (default 1)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    io_threads: Option<u32>,
 }
 
 impl Args {
@@ -57,6 +78,13 @@ impl Args {
                 full_cycles: 8,
                 partial_cycles: 6,
                 op_pause_ms: 14,
+                overload: Some(Plan {
+                    clients: 5000,
+                    stalled: 50,
+                    slow: 200,
+                    seconds: 15,
+                    io_threads: 1,
+                }),
                 ..short
             }
         } else {
@@ -64,6 +92,13 @@ impl Args {
         };
         o.seed = self.seed.unwrap_or(o.seed);
         o.connects = self.clients.unwrap_or(o.connects);
+        o.churn = self.phase != Phases::Overload;
+        if self.phase == Phases::Churn {
+            o.overload = None;
+        }
+        if let (Some(plan), Some(n)) = (o.overload.as_mut(), self.io_threads) {
+            plan.io_threads = n;
+        }
         o
     }
 }

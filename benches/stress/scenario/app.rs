@@ -13,10 +13,11 @@ use gst::prelude::*;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 
-use super::checks::{Check, Problems};
+use super::checks::Check;
 use super::clients::{Ledger, ReaderReport, Transport};
 use super::readers::ReaderItem;
-use super::watchdog::Beat;
+use super::report::Problems;
+use super::watchdog::{Beat, Beats};
 use super::{Options, READER_THREADS, UNITS_MAX, queue_bound};
 
 /// What happened, counted as it happens.
@@ -61,7 +62,6 @@ pub struct Ctx {
     pub opts: Options,
     pub sink: gst::Element,
     pub src: gst::Pad,
-    pub start: Instant,
     pub period: Duration,
     pub ledger: Mutex<Ledger>,
     pub changed: Condvar,
@@ -76,8 +76,8 @@ pub struct Ctx {
     /// Bumped to make every action thread do BURST_CALLS calls without pausing.
     pub burst: AtomicU64,
     pub n: Counters,
-    pub problems: Mutex<Problems>,
-    pub beats: Mutex<Vec<Arc<Beat>>>,
+    pub problems: Mutex<Problems<Check>>,
+    pub beats: Arc<Beats>,
     pub queue_bound: u64,
 }
 
@@ -100,7 +100,6 @@ impl Ctx {
             opts: opts.clone(),
             sink,
             src,
-            start,
             period: Duration::from_secs(1) / opts.rate,
             ledger: Mutex::new(Ledger::default()),
             changed: Condvar::new(),
@@ -115,7 +114,7 @@ impl Ctx {
             burst: AtomicU64::new(0),
             n: Counters::default(),
             problems: Mutex::default(),
-            beats: Mutex::default(),
+            beats: Beats::new(start),
             queue_bound: queue_bound(),
         })
     }
@@ -130,24 +129,14 @@ impl Ctx {
     }
 
     pub fn beat(&self, name: String) -> Arc<Beat> {
-        let b = Arc::new(Beat {
-            name,
-            start: self.start,
-            last_ms: AtomicU64::new(self.start.elapsed().as_millis() as u64),
-            doing: Mutex::new("starting"),
-            active: AtomicBool::new(true),
-        });
-        self.beats.lock().unwrap().push(b.clone());
-        b
+        self.beats.beat(name)
     }
 
     pub fn problem(&self, check: Check, msg: String) {
-        let mut p = self.problems.lock().unwrap_or_else(|e| e.into_inner());
-        let e = p.by_check.entry(check).or_default();
-        e.0 += 1;
-        if e.1.len() < 5 {
-            e.1.push(msg);
-        }
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(check, msg);
     }
 
     pub fn inc(c: &AtomicU64) {
@@ -232,4 +221,33 @@ impl Ctx {
             self.finish(&mut l, slot);
         }
     }
+}
+
+/// The clients not finished, for the watchdog's report.
+pub fn ledger_report(ctx: &Ctx) -> String {
+    let Ok(l) = ctx.ledger.try_lock() else {
+        return "stress:   ledger: locked\n".into();
+    };
+    let mut msg = format!(
+        "stress:   ledger: {} clients unfinished, {} open, {} adds in flight\n",
+        l.unfinished,
+        l.by_fd.len(),
+        l.adds_in_flight
+    );
+    for s in l.slots.values().filter(|s| !s.finished).take(10) {
+        msg += &format!(
+            "stress:   unfinished fd {} {:?} {}: open {}, accepted {}, removed {}, fd-removed {}, adds in flight {}, pins {}, reader reported {}\n",
+            s.fd,
+            s.transport,
+            s.behaviour.name(),
+            s.open,
+            s.accepted,
+            s.removed,
+            s.fd_removed,
+            s.adds_in_flight,
+            s.pins,
+            s.report.is_some()
+        );
+    }
+    msg
 }

@@ -98,12 +98,6 @@ impl Check {
     }
 }
 
-/// The problems found for each check: how many, and the first few.
-#[derive(Default)]
-pub struct Problems {
-    pub by_check: BTreeMap<Check, (u64, Vec<String>)>,
-}
-
 /// What the element said after the last clear and after NULL.
 pub struct AtEnd {
     pub handles_after_clear: u32,

@@ -1,13 +1,15 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! The stress scenario: `rsmultifdsink` under churn, faults and concurrent API calls.
-//! `cargo bench --bench stress` runs it as a program (short or long form), the test
-//! suite's `tests/stress.rs` runs its short form.
+//! The stress scenario: `rsmultifdsink` under churn, faults and concurrent API calls,
+//! then under overload (`overload`). `cargo bench --bench stress` runs it as a
+//! program (short or long form), the test suite's `tests/stress.rs` runs its short
+//! form.
 //!
-//! One producer thread pushes sequence-numbered buffers (a 16-byte header: magic,
-//! length, sequence number and keyframe bit; then bytes that are a function of the
-//! sequence number) through a src pad of its own into `rsmultifdsink` (`sync=false`,
-//! `units-max` so slow clients are kicked, `buffers-min`), while:
+//! The churn phase: one producer thread pushes sequence-numbered buffers (a 16-byte
+//! header: magic, length, sequence number and keyframe bit; then bytes that are a
+//! function of the sequence number) through a src pad of its own into
+//! `rsmultifdsink` (`sync=false`, `units-max` so slow clients are kicked,
+//! `buffers-min`), while:
 //!
 //! * 8 action threads add clients (socketpairs, pipes and TCP loopback pairs; `add` and
 //!   `add-full` with every sync method and burst), `remove`, `remove-flush`, `clear`,
@@ -28,11 +30,15 @@
 //! `stress: N passed, M failed`. A watchdog aborts (with the thread and what it was
 //! doing) if a thread makes no progress for 20 s.
 //!
+//! Then the overload phase (`overload`) runs once per overload policy, on an element
+//! of its own.
+//!
 //! Modules: `stream` (the buffers and the verifier of what a reader got), `clients`
 //! (transports, reader behaviours, the application's ledger), `app` (the shared state),
 //! `handlers` (the element's signals), `actions` (the action threads), `readers`,
 //! `threads` (producer, state cycler, property changer, sampler), `watchdog`,
-//! `checks` (the checks and what they found) and `report` (the figures).
+//! `checks` (the checks and what they found), `report` (the figures) and `overload`
+//! (the overload phase).
 
 #[path = "../../common/rng.rs"]
 mod rng;
@@ -44,6 +50,7 @@ mod app;
 mod checks;
 mod clients;
 mod handlers;
+mod overload;
 mod readers;
 mod report;
 mod stream;
@@ -52,7 +59,7 @@ mod watchdog;
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -63,8 +70,9 @@ use checks::{AtEnd, Finals};
 use clients::Ledger;
 use stream::{KF_INTERVAL, MAX_LEN};
 use system::{init_gstreamer, proc_status_kib, raise_fd_limit};
-use watchdog::Beat;
+use watchdog::{Beat, Watchdog};
 
+pub use overload::Plan;
 pub use report::Report;
 
 /// Limits the property thread chooses from (units in buffers).
@@ -102,6 +110,10 @@ pub struct Options {
     /// Mean pause between two operations of one action thread.
     pub op_pause_ms: u64,
     pub seed: u64,
+    /// Run the churn phase (everything above).
+    pub churn: bool,
+    /// The overload phase's size, if it runs.
+    pub overload: Option<Plan>,
 }
 
 impl Options {
@@ -116,6 +128,14 @@ impl Options {
             partial_cycles: 2,
             op_pause_ms: 20,
             seed: 1,
+            churn: true,
+            overload: Some(Plan {
+                clients: 200,
+                stalled: 5,
+                slow: 10,
+                seconds: 2,
+                io_threads: 1,
+            }),
         }
     }
 }
@@ -215,22 +235,40 @@ fn wait_ledger(
     }
 }
 
-/// Runs the scenario; returns its figures and checks.
+/// Runs the scenario's phases; returns their figures and checks.
 pub fn run(opts: &Options) -> Report {
     init_gstreamer();
+    let overload_fds = opts
+        .overload
+        .as_ref()
+        .map_or(0, |p| 2 * p.clients as u64 + 256);
+    raise_fd_limit(overload_fds.max(8192));
+    let mut report = Report::default();
+    if opts.churn {
+        report.append(churn(opts));
+    }
+    if let Some(plan) = &opts.overload {
+        for policy in overload::Policy::ALL {
+            report.append(overload::run(plan, policy, opts.seed));
+        }
+    }
+    report.finish()
+}
+
+/// The churn phase.
+fn churn(opts: &Options) -> Report {
     watchdog::watch_panics();
     handlers::seed_thread_rngs(opts.seed);
-    raise_fd_limit(8192);
     let start = Instant::now();
     let ctx = Ctx::new(opts, start);
     handlers::connect(&ctx);
 
     let main_beat = ctx.beat("main".into());
-    let watchdog_stop = Arc::new(AtomicBool::new(false));
-    let watchdog_thread = {
-        let (weak, stop) = (Arc::downgrade(&ctx), watchdog_stop.clone());
-        std::thread::spawn(move || watchdog::watchdog(weak, stop))
-    };
+    let weak = Arc::downgrade(&ctx);
+    let watchdog = Watchdog::start(ctx.beats.clone(), move || {
+        weak.upgrade()
+            .map_or_else(String::new, |ctx| app::ledger_report(&ctx))
+    });
     threads::set_state(&ctx, gst::State::Playing);
     let rss_baseline = proc_status_kib("VmRSS:").max(proc_status_kib("VmHWM:"));
     let threads = Threads::start(&ctx);
@@ -244,8 +282,7 @@ pub fn run(opts: &Options) -> Report {
     );
     let end = wind_down(&ctx, &main_beat, threads);
     main_beat.done();
-    watchdog_stop.store(true, Ordering::Relaxed);
-    watchdog_thread.join().expect("watchdog");
+    watchdog.stop();
     let elapsed = start.elapsed();
     // Every queued buffer at the largest size, a partly written buffer per client,
     // and room for threads, readers and the allocator.

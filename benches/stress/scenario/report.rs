@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! The report: the figures of a run, one per line, then one line per check and
-//! `stress: N passed, M failed`.
+//! The report: each phase's figures, one per line, then one line per check; at the
+//! end `stress: N passed, M failed`.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +9,35 @@ use super::app::Ctx;
 use super::checks::{Check, Finals, Tally};
 use super::{ACTION_THREADS, READER_THREADS};
 
+/// The problems found for each check of a phase: how many, and the first few.
+pub struct Problems<C> {
+    by_check: BTreeMap<C, (u64, Vec<String>)>,
+}
+
+impl<C> Default for Problems<C> {
+    fn default() -> Problems<C> {
+        Problems {
+            by_check: BTreeMap::new(),
+        }
+    }
+}
+
+impl<C: Ord> Problems<C> {
+    pub fn add(&mut self, check: C, msg: String) {
+        let e = self.by_check.entry(check).or_default();
+        e.0 += 1;
+        if e.1.len() < 5 {
+            e.1.push(msg);
+        }
+    }
+
+    pub fn get(&self, check: &C) -> Option<&(u64, Vec<String>)> {
+        self.by_check.get(check)
+    }
+}
+
 /// The outcome of a run: how many checks passed and failed, and every line to show.
+#[derive(Default)]
 pub struct Report {
     pub passed: usize,
     pub failed: usize,
@@ -17,47 +45,56 @@ pub struct Report {
 }
 
 impl Report {
-    /// The last line.
-    fn summary(&self) -> String {
-        format!("stress: {} passed, {} failed", self.passed, self.failed)
+    /// One check's line: ok, or FAILED with the first problems found.
+    pub fn check(&mut self, what: &str, problems: Option<&(u64, Vec<String>)>) {
+        match problems {
+            None => {
+                self.passed += 1;
+                self.lines.push(format!("stress: check {what}: ok"));
+            }
+            Some((count, examples)) => {
+                self.failed += 1;
+                self.lines
+                    .push(format!("stress: check {what}: FAILED ({count} problems)"));
+                for e in examples {
+                    self.lines.push(format!("stress:   {e}"));
+                }
+            }
+        }
+    }
+
+    /// Another phase's figures and checks after these.
+    pub fn append(&mut self, other: Report) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.lines.extend(other.lines);
+    }
+
+    /// The report with its last line, `stress: N passed, M failed`.
+    pub fn finish(mut self) -> Report {
+        let summary = format!("stress: {} passed, {} failed", self.passed, self.failed);
+        self.lines.push(summary);
+        self
     }
 }
 
-fn join_counts<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
+pub fn join_counts<K: std::fmt::Display>(m: &BTreeMap<K, u64>) -> String {
     m.iter()
         .map(|(k, v)| format!("{k} {v}"))
         .collect::<Vec<_>>()
         .join(", ")
 }
 
+/// The churn phase's figures and checks.
 pub fn report(ctx: &Ctx, f: &Finals, t: &Tally) -> Report {
-    let mut lines = figures(ctx, f, t);
-    let problems = ctx.problems.lock().unwrap();
-    let (mut passed, mut failed) = (0, 0);
-    for check in Check::ALL {
-        match problems.by_check.get(&check) {
-            None => {
-                passed += 1;
-                lines.push(format!("stress: check {}: ok", check.describe()));
-            }
-            Some((count, examples)) => {
-                failed += 1;
-                lines.push(format!(
-                    "stress: check {}: FAILED ({count} problems)",
-                    check.describe()
-                ));
-                for e in examples {
-                    lines.push(format!("stress:   {e}"));
-                }
-            }
-        }
-    }
     let mut report = Report {
-        passed,
-        failed,
-        lines,
+        lines: figures(ctx, f, t),
+        ..Report::default()
     };
-    report.lines.push(report.summary());
+    let problems = ctx.problems.lock().unwrap();
+    for check in Check::ALL {
+        report.check(check.describe(), problems.get(&check));
+    }
     report
 }
 

@@ -32,7 +32,21 @@ fn table() -> &'static [u8] {
     })
 }
 
-fn buffer_len(seq: u64) -> usize {
+/// How long a stream's buffers are; a reader knows each length from the sequence
+/// number.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sizes {
+    /// Mostly under 1 KiB, some up to 8 KiB, a few up to MAX_LEN (the churn phase).
+    #[default]
+    Mixed,
+    /// Every buffer this long, header included (the overload phase).
+    Fixed(usize),
+}
+
+fn buffer_len(seq: u64, sizes: Sizes) -> usize {
+    if let Sizes::Fixed(len) = sizes {
+        return len;
+    }
     let h = mix(seq);
     let r = (h >> 8) as usize;
     match h % 100 {
@@ -65,8 +79,8 @@ pub fn streamheader_bytes() -> Vec<u8> {
     v
 }
 
-pub fn make_buffer(seq: u64, period: Duration) -> gst::Buffer {
-    let len = buffer_len(seq);
+pub fn make_buffer(seq: u64, period: Duration, sizes: Sizes) -> gst::Buffer {
+    let len = buffer_len(seq, sizes);
     let kf = seq.is_multiple_of(KF_INTERVAL);
     let mut buffer = gst::Buffer::with_size(len).expect("buffer");
     {
@@ -96,6 +110,7 @@ pub fn make_buffer(seq: u64, period: Duration) -> gst::Buffer {
 /// first (once), then whole buffers in increasing sequence order with exact bytes.
 #[derive(Default)]
 pub struct Verifier {
+    pub sizes: Sizes,
     pub hdr: [u8; HDR],
     pub hdr_got: usize,
     /// The buffer being read: (sequence, payload length, payload bytes seen).
@@ -104,12 +119,21 @@ pub struct Verifier {
     pub buffers: u64,
     pub gaps: u64,
     pub last_seq: Option<u64>,
+    /// The newest buffer read to its last byte.
+    pub last_whole: Option<u64>,
     pub streamheaders: u32,
     pub first_kf: Option<bool>,
     pub error: Option<String>,
 }
 
 impl Verifier {
+    pub fn new(sizes: Sizes) -> Verifier {
+        Verifier {
+            sizes,
+            ..Verifier::default()
+        }
+    }
+
     pub fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() && self.error.is_none() {
             if let Some((seq, len, done)) = self.cur {
@@ -132,6 +156,9 @@ impl Verifier {
                 self.bytes += n as u64;
                 data = &data[n..];
                 self.cur = (done + n < len).then_some((seq, len, done + n));
+                if self.cur.is_none() && seq != SH_SEQ {
+                    self.last_whole = Some(seq);
+                }
             } else {
                 let n = (HDR - self.hdr_got).min(data.len());
                 self.hdr[self.hdr_got..self.hdr_got + n].copy_from_slice(&data[..n]);
@@ -175,7 +202,7 @@ impl Verifier {
         }
         let seq = field & !KF_BIT;
         let kf = field & KF_BIT != 0;
-        if len != buffer_len(seq) || kf != seq.is_multiple_of(KF_INTERVAL) {
+        if len != buffer_len(seq, self.sizes) || kf != seq.is_multiple_of(KF_INTERVAL) {
             self.error = Some(format!(
                 "corrupt header of buffer {seq} at stream offset {at} (length {len})"
             ));
@@ -199,6 +226,8 @@ impl Verifier {
         self.buffers += 1;
         if len > HDR {
             self.cur = Some((seq, len - HDR, 0));
+        } else {
+            self.last_whole = Some(seq);
         }
     }
 

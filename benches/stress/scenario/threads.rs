@@ -15,13 +15,15 @@ use super::app::Ctx;
 use super::checks::Check;
 use super::clients::random_bound;
 use super::rng::Rng;
-use super::stream::{make_buffer, streamheader_bytes};
+use super::stream::{Sizes, make_buffer, streamheader_bytes};
 use super::{
     BUFFERS_MIN, RECOVER, SYNC_METHODS, TIMEOUT_MS, UNITS_MAX, UNITS_SOFT_MAX, identity, open_fds,
     pace,
 };
 
-fn push_events(ctx: &Ctx) -> bool {
+/// Stream-start, caps with the streamheader, and a segment: what the sink needs
+/// before buffers.
+pub fn push_stream_events(src: &gst::Pad) -> bool {
     let caps = gst::Caps::builder("application/x-stress")
         .field(
             "streamheader",
@@ -33,9 +35,9 @@ fn push_events(ctx: &Ctx) -> bool {
         )
         .build();
     let segment = gst::FormattedSegment::<gst::ClockTime>::new();
-    ctx.src.push_event(gst::event::StreamStart::new("stress"))
-        && ctx.src.push_event(gst::event::Caps::new(&caps))
-        && ctx.src.push_event(gst::event::Segment::new(&segment))
+    src.push_event(gst::event::StreamStart::new("stress"))
+        && src.push_event(gst::event::Caps::new(&caps))
+        && src.push_event(gst::event::Segment::new(&segment))
 }
 
 pub fn producer(ctx: Arc<Ctx>) {
@@ -46,14 +48,14 @@ pub fn producer(ctx: Arc<Ctx>) {
         beat.beat("pushing");
         if ctx.need_events.swap(false, Ordering::SeqCst) {
             Ctx::inc(&ctx.n.event_resends);
-            if !push_events(&ctx) {
+            if !push_stream_events(&ctx.src) {
                 // Not active yet (the cycler is between states): try again shortly.
                 ctx.need_events.store(true, Ordering::SeqCst);
                 pace(2);
                 continue;
             }
         }
-        let buffer = make_buffer(seq, ctx.period);
+        let buffer = make_buffer(seq, ctx.period, Sizes::Mixed);
         let len = buffer.size() as u64;
         match ctx.src.push(buffer) {
             Ok(_) => {

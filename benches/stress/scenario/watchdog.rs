@@ -1,19 +1,20 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! The watchdog: every thread beats while it makes progress; one that stops for 20 s
-//! aborts the run with what every thread was doing. Also counts panics on any thread.
+//! The watchdog: every thread of a phase beats while it makes progress; one that
+//! stops for 20 s aborts the run with what every thread was doing. Also counts
+//! panics on any thread, per phase.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::app::Ctx;
 use super::pace;
 
 const WATCHDOG: Duration = Duration::from_secs(20);
 
 static PANICS: AtomicU64 = AtomicU64::new(0);
-static FIRST_PANIC: OnceLock<String> = OnceLock::new();
+static FIRST_PANIC: Mutex<Option<String>> = Mutex::new(None);
 static PANIC_WATCH: AtomicBool = AtomicBool::new(false);
 
 /// Counts panics on any thread (the element's IO thread included) while a run is on.
@@ -25,10 +26,13 @@ pub fn watch_panics() {
             if PANIC_WATCH.load(Ordering::Relaxed) {
                 PANICS.fetch_add(1, Ordering::Relaxed);
                 let thread = std::thread::current();
-                let _ = FIRST_PANIC.set(format!(
-                    "thread '{}' panicked: {info}",
-                    thread.name().unwrap_or("?")
-                ));
+                let mut first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+                if first.is_none() {
+                    *first = Some(format!(
+                        "thread '{}' panicked: {info}",
+                        thread.name().unwrap_or("?")
+                    ));
+                }
             }
             previous(info);
         }));
@@ -36,16 +40,12 @@ pub fn watch_panics() {
     PANIC_WATCH.store(true, Ordering::Relaxed);
 }
 
-/// Stops counting panics; what was seen, if anything.
+/// Stops counting panics; what was seen since `watch_panics`, if anything.
 pub fn end_panic_watch() -> Option<String> {
     PANIC_WATCH.store(false, Ordering::Relaxed);
-    let n = PANICS.load(Ordering::Relaxed);
-    (n > 0).then(|| {
-        format!(
-            "{n} panics; first: {}",
-            FIRST_PANIC.get().map_or("?", String::as_str)
-        )
-    })
+    let n = PANICS.swap(0, Ordering::Relaxed);
+    let first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take();
+    (n > 0).then(|| format!("{n} panics; first: {}", first.as_deref().unwrap_or("?")))
 }
 
 /// Writes to stderr past any output capture, then aborts.
@@ -85,25 +85,73 @@ impl Beat {
     }
 }
 
-/// Aborts when a thread made no progress for WATCHDOG. Takes no lock but the list
-/// of heartbeats, so a deadlock elsewhere cannot stop it.
-pub fn watchdog(ctx: Weak<Ctx>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        pace(200);
-        let Some(beats) = ctx.upgrade().map(|c| c.beats.lock().unwrap().clone()) else {
-            return;
-        };
-        for b in &beats {
-            let now_ms = b.start.elapsed().as_millis() as u64;
-            if b.active.load(Ordering::Relaxed) && b.ms_ago(now_ms) > WATCHDOG.as_millis() as u64 {
-                die(&stall_report(b, &beats, &ctx, now_ms));
-            }
-        }
+/// The heartbeats of one phase's threads.
+pub struct Beats {
+    start: Instant,
+    list: Mutex<Vec<Arc<Beat>>>,
+}
+
+impl Beats {
+    pub fn new(start: Instant) -> Arc<Beats> {
+        Arc::new(Beats {
+            start,
+            list: Mutex::default(),
+        })
+    }
+
+    /// A new thread's heartbeat.
+    pub fn beat(&self, name: String) -> Arc<Beat> {
+        let b = Arc::new(Beat {
+            name,
+            start: self.start,
+            last_ms: AtomicU64::new(self.start.elapsed().as_millis() as u64),
+            doing: Mutex::new("starting"),
+            active: AtomicBool::new(true),
+        });
+        self.list.lock().unwrap().push(b.clone());
+        b
     }
 }
 
-/// Every thread's last beat, the panics and the clients not finished.
-fn stall_report(stuck: &Beat, beats: &[Arc<Beat>], ctx: &Weak<Ctx>, now_ms: u64) -> String {
+/// A running watchdog thread.
+pub struct Watchdog {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Watchdog {
+    /// Aborts the process when a thread of `beats` made no progress for WATCHDOG,
+    /// printing every thread's last beat, the panics and what `context` tells about
+    /// the phase. Takes no lock but the list of heartbeats (and whatever `context`
+    /// tries), so a deadlock elsewhere cannot stop it.
+    pub fn start(beats: Arc<Beats>, context: impl Fn() -> String + Send + 'static) -> Watchdog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                pace(200);
+                let list = beats.list.lock().unwrap().clone();
+                for b in &list {
+                    let now_ms = b.start.elapsed().as_millis() as u64;
+                    if b.active.load(Ordering::Relaxed)
+                        && b.ms_ago(now_ms) > WATCHDOG.as_millis() as u64
+                    {
+                        die(&(stall_report(b, &list, now_ms) + &context()));
+                    }
+                }
+            }
+        });
+        Watchdog { stop, thread }
+    }
+
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("watchdog");
+    }
+}
+
+/// Every thread's last beat and the panics.
+fn stall_report(stuck: &Beat, beats: &[Arc<Beat>], now_ms: u64) -> String {
     let mut msg = format!(
         "\nstress: WATCHDOG: thread '{}' made no progress for {} s (last: {}); \
          deadlock or stall, aborting\n",
@@ -124,41 +172,12 @@ fn stall_report(stuck: &Beat, beats: &[Arc<Beat>], ctx: &Weak<Ctx>, now_ms: u64)
             }
         );
     }
-    if let Some(first) = FIRST_PANIC.get() {
+    if let Ok(first) = FIRST_PANIC.try_lock()
+        && let Some(first) = first.as_deref()
+    {
         msg += &format!(
             "stress:   panics so far {}, first: {first}\n",
             PANICS.load(Ordering::Relaxed)
-        );
-    }
-    if let Some(ctx) = ctx.upgrade() {
-        msg += &ledger_report(&ctx);
-    }
-    msg
-}
-
-fn ledger_report(ctx: &Ctx) -> String {
-    let Ok(l) = ctx.ledger.try_lock() else {
-        return "stress:   ledger: locked\n".into();
-    };
-    let mut msg = format!(
-        "stress:   ledger: {} clients unfinished, {} open, {} adds in flight\n",
-        l.unfinished,
-        l.by_fd.len(),
-        l.adds_in_flight
-    );
-    for s in l.slots.values().filter(|s| !s.finished).take(10) {
-        msg += &format!(
-            "stress:   unfinished fd {} {:?} {}: open {}, accepted {}, removed {}, fd-removed {}, adds in flight {}, pins {}, reader reported {}\n",
-            s.fd,
-            s.transport,
-            s.behaviour.name(),
-            s.open,
-            s.accepted,
-            s.removed,
-            s.fd_removed,
-            s.adds_in_flight,
-            s.pins,
-            s.report.is_some()
         );
     }
     msg
