@@ -2444,3 +2444,33 @@ fn refuse_clients_policy_refuses_while_overloaded_and_for_a_second_after() {
     assert_eq!(f.num_handles(), 1);
     f.engine.set_service(None).unwrap();
 }
+
+#[test]
+fn drop_buffers_policy_removes_a_client_whose_fd_stays_full() {
+    let f = slow_io_fixture(OverloadPolicy::DropBuffers, Duration::from_micros(100), 4);
+    // /dev/null always takes data: that client is never slow.
+    let kept = f.own(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap(),
+    );
+    let (stalled, _never_read) = f.socketpair();
+    f.add(kept, latest());
+    f.add(stalled, latest());
+    let start = Instant::now();
+    let mut i = 0;
+    // Push until the stalled client goes: its fd full past units-max for the grace.
+    while !f.rec.events().contains(&Ev::FdRemoved(stalled)) {
+        assert!(
+            start.elapsed() < WAIT,
+            "the stalled client was never removed"
+        );
+        f.engine.push(overload_buffer(i % 200));
+        i += 1;
+    }
+    assert_eq!(f.rec.wait_gone(stalled), ClientStatus::Slow);
+    // Not before the grace: the others skip, this one was given time.
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    assert_eq!(f.num_handles(), 1);
+}

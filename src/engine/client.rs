@@ -136,6 +136,9 @@ pub(crate) struct Client {
     /// CLOCK_MONOTONIC at connect, in nanoseconds (what `g_get_monotonic_time` reads).
     pub connected_mono_ns: u64,
     pub last_activity: Instant,
+    /// Under a shedding overload policy: since when its fd has been seen full past
+    /// `units-max` (cleared when seen with room, or caught up).
+    pub full_since: Option<Instant>,
     pub disconnected_at: Option<(Instant, SystemTime)>,
     pub bytes_sent: u64,
     pub buffers_dropped: u64,
@@ -180,6 +183,7 @@ impl Client {
             connected_wall: SystemTime::now(),
             connected_mono_ns: monotonic_ns(),
             last_activity: now,
+            full_since: None,
             disconnected_at: None,
             bytes_sent: 0,
             buffers_dropped: 0,

@@ -59,13 +59,18 @@ pub(super) struct WorkerState {
     pub(super) listener: Arc<dyn Listener>,
 }
 
-/// When at least this many clients, and more than half of them, are past
-/// `units-max` at once, the machine (IO threads, readers, network) cannot send what
-/// the stream asks, rather than some clients being slow: nobody is removed for it.
+/// Under back-pressure: when at least this many clients, and more than half of them,
+/// are past `units-max` at once, the machine (IO threads, readers, network) cannot
+/// send what the stream asks, rather than some clients being slow: nobody is
+/// removed for it.
 const MASS_LAG_MIN: usize = 8;
 /// How long an overload of most clients lasts after it was last seen: readers that
 /// run a little later than the others are not taken for slow clients as it ends.
 const MASS_LAG_HOLD: Duration = Duration::from_millis(500);
+
+/// Under a shedding overload policy (nobody waits, so time tells): how long a
+/// client's fd may stay full past `units-max` before it is removed as slow.
+const SLOW_GRACE: Duration = Duration::from_millis(500);
 
 /// A client marked removed whose signals are still to be emitted: id, fd, status.
 pub(super) type Removal = (ClientId, RawFd, ClientStatus);
@@ -192,38 +197,57 @@ impl WorkerState {
                 .map(|c| c.fd)
                 .collect();
             let full: IdMap<RawFd, bool> = asked.iter().copied().zip(full_fds(&asked)).collect();
-            let past_hard = laggards
-                .iter()
-                .filter(|id| hard.is_some_and(|h| self.clients[*id].pos < h))
-                .count();
+            let is_full = |c: &Client| match full.get(&c.fd) {
+                Some(&full) => full,
+                // Not pollable (a regular file never blocks).
+                None => c.phase == Phase::Blocked,
+            };
             let now = Instant::now();
-            if past_hard >= MASS_LAG_MIN && past_hard * 2 > self.live {
-                self.mass_lag_until = Some(now + MASS_LAG_HOLD);
+            if !shed {
+                // Most clients past the limit at once: the machine cannot send what
+                // the stream asks; those whose fd is full are no slower than the rest.
+                let past_hard = laggards
+                    .iter()
+                    .filter(|id| hard.is_some_and(|h| self.clients[*id].pos < h))
+                    .count();
+                if past_hard >= MASS_LAG_MIN && past_hard * 2 > self.live {
+                    self.mass_lag_until = Some(now + MASS_LAG_HOLD);
+                    log!(
+                        self.listener,
+                        Debug,
+                        "{past_hard} of {} clients past units-max: overload, nobody removed",
+                        self.live
+                    );
+                }
             }
             let mass = self.mass_lag_until.is_some_and(|until| now < until);
-            if mass {
-                log!(
-                    self.listener,
-                    Debug,
-                    "{past_hard} of {} clients past units-max: overload, nobody removed",
-                    self.live
-                );
-            }
             for id in laggards {
-                let c = &self.clients[&id];
-                let is_full = match full.get(&c.fd) {
-                    Some(&full) => full,
-                    // Not pollable (a regular file never blocks).
-                    None => c.phase == Phase::Blocked,
-                };
-                if is_full && self.judge(id, hard, soft, mass) {
+                let full_now = is_full(&self.clients[&id]);
+                if shed {
+                    // Nobody waits: a client is slow once its fd stayed full past the
+                    // limit for SLOW_GRACE; until then it skips like the others.
+                    let c = self.clients.get_mut(&id).expect("laggard");
+                    let past_hard = hard.is_some_and(|h| c.pos < h);
+                    let overdue = if full_now && past_hard {
+                        let since = *c.full_since.get_or_insert(now);
+                        now.duration_since(since) >= SLOW_GRACE
+                    } else {
+                        if !full_now {
+                            c.full_since = None;
+                        }
+                        false
+                    };
+                    if (overdue || (full_now && !past_hard)) && self.judge(id, hard, soft, false) {
+                        continue;
+                    }
+                } else if full_now && self.judge(id, hard, soft, mass) {
                     continue;
                 }
                 let c = &self.clients[&id];
                 if shed && let Some(b) = overload_boundary.filter(|b| c.pos < *b) {
-                    // Behind because the IO thread has not reached it, or with most
-                    // clients at once: the sink is overloaded, not the client. Skip,
-                    // never kick.
+                    // Behind because the IO thread has not reached it (or full for
+                    // less than the grace): the sink is overloaded, not the client.
+                    // Skip, never kick.
                     let policy = match self.settings.recover_policy {
                         RecoverPolicy::None => RecoverPolicy::Keyframe,
                         p => p,
@@ -445,6 +469,7 @@ impl WorkerState {
         match turn {
             Turn::CaughtUp => {
                 c.phase = Phase::Idle;
+                c.full_since = None;
                 self.idle.push(id);
             }
             Turn::Blocked => {
