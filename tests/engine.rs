@@ -2226,8 +2226,11 @@ fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
         })
         .collect();
     let mut waited = Duration::ZERO;
+    // io-load, read while the IO thread is the bottleneck (afterwards it idles).
+    let mut busiest = 0.0f64;
     for i in 0..BUFFERS {
         waited += f.engine.push(overload_buffer(i)).waited;
+        busiest = busiest.max(f.engine.io_load());
     }
     for reader in readers {
         let got = reader.join().unwrap();
@@ -2242,8 +2245,10 @@ fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
         f.rec.events()
     );
     assert!(waited > Duration::ZERO, "the stream never waited");
-    // The IO thread was busy all along.
-    assert!(f.engine.io_load() > 0.5, "io-load {}", f.engine.io_load());
+    assert!(
+        busiest > 0.5,
+        "io-load at most {busiest} while the IO thread was behind"
+    );
 }
 
 #[test]

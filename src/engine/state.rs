@@ -182,65 +182,24 @@ impl WorkerState {
                 .collect();
             let shed = self.settings.overload_policy != OverloadPolicy::BackPressure;
             let overload_boundary = hard.or(soft);
-            // Is their fd full now? Polled in one call. A blocked socket that polls
-            // writable has room its IO thread has not seen yet (the EPOLLOUT waits
-            // in the queue): not slow. A pipe's poll is exact, blocked or not; a
-            // socket that is not blocked is not asked (POLLOUT needs much of its
-            // buffer free, so only a write that gets EAGAIN tells).
-            let asked: Vec<RawFd> = laggards
-                .iter()
-                .map(|id| &self.clients[id])
-                .filter(|c| {
-                    c.watch == Watch::Epoll
-                        && (c.phase == Phase::Blocked || c.kind == FdKind::Stream)
-                })
-                .map(|c| c.fd)
-                .collect();
-            let full: IdMap<RawFd, bool> = asked.iter().copied().zip(full_fds(&asked)).collect();
-            let is_full = |c: &Client| match full.get(&c.fd) {
-                Some(&full) => full,
-                // Not pollable (a regular file never blocks).
-                None => c.phase == Phase::Blocked,
-            };
+            let full = self.full_fds_of(&laggards);
             let now = Instant::now();
             if !shed {
-                // Most clients past the limit at once: the machine cannot send what
-                // the stream asks; those whose fd is full are no slower than the rest.
-                let past_hard = laggards
-                    .iter()
-                    .filter(|id| hard.is_some_and(|h| self.clients[*id].pos < h))
-                    .count();
-                if past_hard >= MASS_LAG_MIN && past_hard * 2 > self.live {
-                    self.mass_lag_until = Some(now + MASS_LAG_HOLD);
-                    log!(
-                        self.listener,
-                        Debug,
-                        "{past_hard} of {} clients past units-max: overload, nobody removed",
-                        self.live
-                    );
-                }
+                self.note_mass_lag(&laggards, hard, now);
             }
             let mass = self.mass_lag_until.is_some_and(|until| now < until);
             for id in laggards {
-                let full_now = is_full(&self.clients[&id]);
-                if shed {
-                    // Nobody waits: a client is slow once its fd stayed full past the
-                    // limit for SLOW_GRACE; until then it skips like the others.
-                    let c = self.clients.get_mut(&id).expect("laggard");
-                    let past_hard = hard.is_some_and(|h| c.pos < h);
-                    let overdue = if full_now && past_hard {
-                        let since = *c.full_since.get_or_insert(now);
-                        now.duration_since(since) >= SLOW_GRACE
-                    } else {
-                        if !full_now {
-                            c.full_since = None;
-                        }
-                        false
-                    };
-                    if (overdue || (full_now && !past_hard)) && self.judge(id, hard, soft, false) {
-                        continue;
-                    }
-                } else if full_now && self.judge(id, hard, soft, mass) {
+                let c = &self.clients[&id];
+                let full_now = full
+                    .get(&c.fd)
+                    .copied()
+                    .unwrap_or(c.phase == Phase::Blocked);
+                let slow = if shed {
+                    self.full_for_long(id, full_now, hard, now)
+                } else {
+                    full_now
+                };
+                if slow && self.judge(id, hard, soft, mass && !shed) {
                     continue;
                 }
                 let c = &self.clients[&id];
@@ -259,6 +218,66 @@ impl WorkerState {
         let keep = keep_from(&mut self.queue, &self.settings);
         self.queue.trim_before(keep);
         dropped
+    }
+
+    /// Whether these clients' fds are full now, polled in one call: those not in the
+    /// map were not asked (a regular file never blocks; a socket not blocked is
+    /// taken as having room). A blocked socket that polls writable has room its IO
+    /// thread has not seen yet (the EPOLLOUT waits in the queue): not slow. A pipe's
+    /// poll is exact, blocked or not; a socket that is not blocked is not asked
+    /// (POLLOUT needs much of its buffer free, so only a write that gets EAGAIN
+    /// tells).
+    fn full_fds_of(&self, ids: &[ClientId]) -> IdMap<RawFd, bool> {
+        let asked: Vec<RawFd> = ids
+            .iter()
+            .map(|id| &self.clients[id])
+            .filter(|c| {
+                c.watch == Watch::Epoll && (c.phase == Phase::Blocked || c.kind == FdKind::Stream)
+            })
+            .map(|c| c.fd)
+            .collect();
+        asked.iter().copied().zip(full_fds(&asked)).collect()
+    }
+
+    /// Under back-pressure: most clients past `units-max` at once means the machine
+    /// cannot send what the stream asks; those whose fd is full are no slower than the
+    /// rest, and nobody is removed while it lasts (and `MASS_LAG_HOLD` after).
+    fn note_mass_lag(&mut self, laggards: &[ClientId], hard: Option<u64>, now: Instant) {
+        let past_hard = laggards
+            .iter()
+            .filter(|id| hard.is_some_and(|h| self.clients[*id].pos < h))
+            .count();
+        if past_hard >= MASS_LAG_MIN && past_hard * 2 > self.live {
+            self.mass_lag_until = Some(now + MASS_LAG_HOLD);
+            log!(
+                self.listener,
+                Debug,
+                "{past_hard} of {} clients past units-max: overload, nobody removed",
+                self.live
+            );
+        }
+    }
+
+    /// Under a shedding policy nobody waits, so time tells: whether the client's fd
+    /// has stayed full past `units-max` for `SLOW_GRACE` (or is full past the soft
+    /// limit only, where it recovers at once).
+    fn full_for_long(
+        &mut self,
+        id: ClientId,
+        full_now: bool,
+        hard: Option<u64>,
+        now: Instant,
+    ) -> bool {
+        let c = self.clients.get_mut(&id).expect("laggard");
+        if !full_now {
+            c.full_since = None;
+            return false;
+        }
+        if hard.is_none_or(|h| c.pos >= h) {
+            return true;
+        }
+        let since = *c.full_since.get_or_insert(now);
+        now.duration_since(since) >= SLOW_GRACE
     }
 
     /// Judges a client whose fd is full: past `units-max` it is removed as slow
