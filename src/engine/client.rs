@@ -136,8 +136,8 @@ pub(crate) struct Client {
     /// CLOCK_MONOTONIC at connect, in nanoseconds (what `g_get_monotonic_time` reads).
     pub connected_mono_ns: u64,
     pub last_activity: Instant,
-    /// Under a shedding overload policy: since when its fd has been seen full past
-    /// `units-max` (cleared when seen with room, or caught up).
+    /// Since when its fd has been seen full past `units-max` (cleared when seen
+    /// with room, or caught up): slow once that lasted the grace.
     pub full_since: Option<Instant>,
     pub disconnected_at: Option<(Instant, SystemTime)>,
     pub bytes_sent: u64,

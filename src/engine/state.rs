@@ -71,6 +71,10 @@ const MASS_LAG_HOLD: Duration = Duration::from_millis(500);
 /// Under a shedding overload policy (nobody waits, so time tells): how long a
 /// client's fd may stay full past `units-max` before it is removed as slow.
 const SLOW_GRACE: Duration = Duration::from_millis(500);
+/// Under back-pressure: how long a socket must stay unwritable past `units-max`
+/// before its client is slow (the stream waits meanwhile). A reader that was only
+/// late to run empties it sooner.
+const SOCKET_FULL_GRACE: Duration = Duration::from_millis(100);
 
 /// A client marked removed whose signals are still to be emitted: id, fd, status.
 pub(super) type Removal = (ClientId, RawFd, ClientStatus);
@@ -194,11 +198,18 @@ impl WorkerState {
                     .get(&c.fd)
                     .copied()
                     .unwrap_or(c.phase == Phase::Blocked);
-                let slow = if shed {
-                    self.full_for_long(id, full_now, hard, now)
+                // A pipe that polls full is full; a socket that polls unwritable may
+                // be a reader about to run (POLLOUT wants much of the buffer free):
+                // it must stay so for a while. Under shedding nobody waits, so
+                // every client gets the longer grace.
+                let grace = if shed {
+                    SLOW_GRACE
+                } else if c.kind == FdKind::Socket {
+                    SOCKET_FULL_GRACE
                 } else {
-                    full_now
+                    Duration::ZERO
                 };
+                let slow = self.full_for(id, full_now, hard, now, grace);
                 if slow && self.judge(id, hard, soft, mass && !shed) {
                     continue;
                 }
@@ -258,15 +269,15 @@ impl WorkerState {
         }
     }
 
-    /// Under a shedding policy nobody waits, so time tells: whether the client's fd
-    /// has stayed full past `units-max` for `SLOW_GRACE` (or is full past the soft
-    /// limit only, where it recovers at once).
-    fn full_for_long(
+    /// Whether the client's fd has stayed full past `units-max` for `grace` (or is
+    /// full past the soft limit only, where it recovers at once).
+    fn full_for(
         &mut self,
         id: ClientId,
         full_now: bool,
         hard: Option<u64>,
         now: Instant,
+        grace: Duration,
     ) -> bool {
         let c = self.clients.get_mut(&id).expect("laggard");
         if !full_now {
@@ -277,7 +288,7 @@ impl WorkerState {
             return true;
         }
         let since = *c.full_since.get_or_insert(now);
-        now.duration_since(since) >= SLOW_GRACE
+        now.duration_since(since) >= grace
     }
 
     /// Judges a client whose fd is full: past `units-max` it is removed as slow

@@ -472,7 +472,9 @@ impl RsMultiHandleSink {
                 drop(episode);
                 let c = self.engine().counters();
                 let secs = now.duration_since(e.since).as_secs_f64();
-                let rate = (c.bytes_served - e.bytes_served_at_start) as f64 * 8.0 / secs;
+                // bytes-served restarts from 0 when the element starts again.
+                let served = c.bytes_served.saturating_sub(e.bytes_served_at_start);
+                let rate = served as f64 * 8.0 / secs;
                 gst::element_imp_warning!(
                     self,
                     gst::ResourceError::Write,
@@ -559,6 +561,8 @@ impl RsMultiHandleSink {
         let obj = self.obj();
         (obj.class().as_ref().stop_serving)(&obj);
         self.engine().stop();
+        // An overload episode does not outlive the stream (nor its counters).
+        *self.overload.lock().unwrap() = None;
         gst::debug!(CAT, imp = self, "stopped");
     }
 }
