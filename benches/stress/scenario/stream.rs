@@ -119,6 +119,9 @@ pub struct Verifier {
     pub buffers: u64,
     pub gaps: u64,
     pub last_seq: Option<u64>,
+    /// The first buffer read: where the client started, or where it was skipped to
+    /// before its first byte (a skip that no gap shows).
+    pub first_seq: Option<u64>,
     /// The newest buffer read to its last byte.
     pub last_whole: Option<u64>,
     pub streamheaders: u32,
@@ -220,7 +223,10 @@ impl Verifier {
                 return;
             }
             Some(last) => self.gaps += seq - last - 1,
-            None => self.first_kf = Some(kf),
+            None => {
+                self.first_kf = Some(kf);
+                self.first_seq = Some(seq);
+            }
         }
         self.last_seq = Some(seq);
         self.buffers += 1;

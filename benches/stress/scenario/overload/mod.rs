@@ -265,7 +265,9 @@ fn drain(phase: &Arc<Phase>, beat: &Beat, last: Option<u64>) -> Option<Duration>
         *c.drained.lock().unwrap() = Some(Drained {
             bytes: v.bytes(),
             last_whole: v.last_whole(),
-            gaps: v.gaps(),
+            // Every client joins before buffer 0 is pushed: a first buffer after 0
+            // is a skip made before its first byte, which no gap shows.
+            gaps: v.gaps() + v.first().unwrap_or(0),
             stats,
         });
     }

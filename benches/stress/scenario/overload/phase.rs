@@ -98,12 +98,15 @@ pub struct Progress {
     bytes: AtomicU64,
     last_whole: AtomicU64,
     gaps: AtomicU64,
+    first: AtomicU64,
 }
 
 impl Progress {
     pub fn publish(&self, v: &Verifier) {
         self.bytes.store(v.bytes, Ordering::Relaxed);
         self.gaps.store(v.gaps, Ordering::Relaxed);
+        self.first
+            .store(v.first_seq.unwrap_or(NONE), Ordering::Relaxed);
         self.last_whole
             .store(v.last_whole.unwrap_or(NONE), Ordering::Release);
     }
@@ -114,6 +117,11 @@ impl Progress {
 
     pub fn gaps(&self) -> u64 {
         self.gaps.load(Ordering::Relaxed)
+    }
+
+    /// The first buffer read, if any.
+    pub fn first(&self) -> Option<u64> {
+        Some(self.first.load(Ordering::Relaxed)).filter(|&s| s != NONE)
     }
 
     pub fn last_whole(&self) -> Option<u64> {
@@ -479,6 +487,7 @@ fn make_clients(plan: &Plan, seed: u64) -> (Vec<Client>, Vec<OwnedFd>) {
                     bytes: AtomicU64::new(0),
                     last_whole: AtomicU64::new(NONE),
                     gaps: AtomicU64::new(0),
+                    first: AtomicU64::new(NONE),
                 },
                 drained: Mutex::new(None),
                 finished: Mutex::new(None),
