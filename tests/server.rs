@@ -612,6 +612,33 @@ fn http_max_clients_refuses_with_503() {
     h.stop();
 }
 
+/// `overload-policy=refuse-clients`: once the sink sheds load (a client that reads
+/// nothing lags past `units-max` and skips buffers), new HTTP clients get 503.
+#[test]
+fn http_refuse_clients_policy_answers_503_while_overloaded() {
+    let (mut h, port) = server(&[
+        ("http", "true"),
+        ("units-max", "4"),
+        ("overload-policy", "refuse-clients"),
+    ]);
+    let bus = gst::Bus::new();
+    h.sink().set_bus(Some(&bus));
+    h.set_src_caps_str(CHECK_CAPS);
+    let _never_reads = get(port, "/");
+    wait_handles(&h.sink(), 1);
+    // Push until the sink announces the overload (its socket full, it lags and skips).
+    let start = Instant::now();
+    let mut i = 0u8;
+    while bus.pop_filtered(&[gst::MessageType::Warning]).is_none() {
+        assert!(start.elapsed() < DEADLINE, "no overload");
+        h.push_bytes(&vec![i; 64 * 1024], !i.is_multiple_of(4));
+        i = i.wrapping_add(1);
+    }
+    // The refusal lasts a second after the last overloaded buffer.
+    assert_refused(&get(port, "/"), "HTTP/1.0 503 Service Unavailable");
+    h.stop();
+}
+
 /// Malformed, non-HTTP, oversized and silent requests are refused and closed while
 /// a client that plays keeps getting every byte.
 #[test]
