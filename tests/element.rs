@@ -116,59 +116,27 @@ fn changed_streamheader_not_resent_when_disabled() {
     h.stop();
 }
 
-/// The three burst scenarios of the check suite: 9 buffers of 16 bytes queued with
-/// bytes-min 100, three clients with different limits, one more buffer.
+/// The check suite's burst scenarios with three pipes (`common::burst_scenario`).
 fn burst_scenario(
     sync: &str,
     keyframes: bool,
     limits: [(u64, u64); 2],
     expect: [std::ops::RangeInclusive<u32>; 3],
 ) {
-    let mut h = harness(
+    let pipes = [pipe(), pipe(), pipe()];
+    let [a, b, c] = &pipes;
+    common::burst_scenario(
         SINK,
-        &[
-            ("bytes-min", "100"),
-            ("sync-method", sync),
-            ("burst-format", "bytes"),
-            ("burst-value", "80"),
+        sync,
+        keyframes,
+        limits,
+        expect,
+        [
+            (raw(&a.1).to_value(), &a.0),
+            (raw(&b.1).to_value(), &b.0),
+            (raw(&c.1).to_value(), &c.0),
         ],
     );
-    h.set_src_caps_str(CHECK_CAPS);
-    let delta = |i: u32| keyframes && !i.is_multiple_of(4);
-    for i in 0..9 {
-        h.push_bytes(&b16(i), delta(i));
-    }
-    assert_eq!(h.u32("buffers-queued"), 7);
-    let pipes: Vec<_> = (0..3).map(|_| pipe()).collect();
-    h.add_fd(raw(&pipes[0].1));
-    let sync_value = h.sink().property_value("sync-method");
-    for (i, (min, max)) in limits.iter().enumerate() {
-        h.sink().emit_by_name_with_values(
-            "add-full",
-            &[
-                raw(&pipes[i + 1].1).to_value(),
-                sync_value.clone(),
-                gst::Format::Bytes.to_value(),
-                min.to_value(),
-                gst::Format::Bytes.to_value(),
-                max.to_value(),
-            ],
-        );
-    }
-    assert_eq!(h.u32("num-handles"), 3);
-    h.push_bytes(&b16(9), delta(9));
-    for (p, range) in pipes.iter().zip(expect) {
-        let want: Vec<u8> = range.clone().flat_map(b16).collect();
-        assert_eq!(
-            read_exact(&p.0, want.len()),
-            want,
-            "expected buffers {range:?}"
-        );
-    }
-    h.stop();
-    for p in &pipes {
-        assert_nothing_readable(&p.0);
-    }
 }
 
 #[test]

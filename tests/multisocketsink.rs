@@ -279,62 +279,26 @@ fn changed_streamheader_is_resent() {
     fed.stop();
 }
 
-/// The three burst scenarios of the check suite: 9 buffers of 16 bytes queued with
-/// bytes-min 100, three clients with different limits, one more buffer.
+/// The check suite's burst scenarios with three sockets (`common::burst_scenario`).
 fn burst_scenario(
     sync: &str,
     keyframes: bool,
     limits: [(u64, u64); 2],
     expect: [std::ops::RangeInclusive<u32>; 3],
 ) {
-    let mut fed = harness(
+    let [a, b, c] = [socket_pair(), socket_pair(), socket_pair()];
+    common::burst_scenario(
         SINK,
-        &[
-            ("bytes-min", "100"),
-            ("sync-method", sync),
-            ("burst-format", "bytes"),
-            ("burst-value", "80"),
+        sync,
+        keyframes,
+        limits,
+        expect,
+        [
+            (a.0.to_value(), &a.1),
+            (b.0.to_value(), &b.1),
+            (c.0.to_value(), &c.1),
         ],
     );
-    fed.set_src_caps_str(CHECK_CAPS);
-    let delta = |i: u32| keyframes && !i.is_multiple_of(4);
-    for i in 0..9 {
-        fed.push_bytes(&b16(i), delta(i));
-    }
-    assert_eq!(fed.u32("buffers-queued"), 7);
-    let pairs: Vec<_> = (0..3).map(|_| socket_pair()).collect();
-    assert_eq!(fed.u32("num-handles"), 0);
-    add(&fed, &pairs[0].0);
-    assert_eq!(fed.u32("num-handles"), 1);
-    let sync_value = fed.sink().property_value("sync-method");
-    for (i, (min, max)) in limits.iter().enumerate() {
-        // The check suite's spelling of the signal name.
-        fed.sink().emit_by_name_with_values(
-            "add_full",
-            &[
-                pairs[i + 1].0.to_value(),
-                sync_value.clone(),
-                gst::Format::Bytes.to_value(),
-                min.to_value(),
-                gst::Format::Bytes.to_value(),
-                max.to_value(),
-            ],
-        );
-    }
-    assert_eq!(fed.u32("num-handles"), 3);
-    fed.push_bytes(&b16(9), delta(9));
-    for ((_, peer), range) in pairs.iter().zip(expect) {
-        let want: Vec<u8> = range.clone().flat_map(b16).collect();
-        assert_eq!(
-            read_exact(peer, want.len()),
-            want,
-            "expected buffers {range:?}"
-        );
-    }
-    fed.stop();
-    for (_, peer) in &pairs {
-        assert_nothing_readable(peer);
-    }
 }
 
 #[test]
