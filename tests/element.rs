@@ -116,21 +116,13 @@ fn changed_streamheader_not_resent_when_disabled() {
     h.stop();
 }
 
-/// The check suite's burst scenarios with three pipes (`common::burst_scenario`).
-fn burst_scenario(
-    sync: &str,
-    keyframes: bool,
-    limits: [(u64, u64); 2],
-    expect: [std::ops::RangeInclusive<u32>; 3],
-) {
+/// Case `i` of the check suite's burst scenarios, with three pipes.
+fn burst_case(i: usize) {
     let pipes = [pipe(), pipe(), pipe()];
     let [a, b, c] = &pipes;
     common::burst_scenario(
         SINK,
-        sync,
-        keyframes,
-        limits,
-        expect,
+        BURST_CASES[i].clone(),
         [
             (raw(&a.1).to_value(), &a.0),
             (raw(&b.1).to_value(), &b.0),
@@ -141,27 +133,17 @@ fn burst_scenario(
 
 #[test]
 fn burst_client_bytes() {
-    burst_scenario("burst", false, [(50, 200), (50, 50)], [5..=9, 6..=9, 7..=9]);
+    burst_case(0);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_scenario(
-        "burst-keyframe",
-        true,
-        [(50, 90), (50, 50)],
-        [4..=9, 8..=9, 8..=9],
-    );
+    burst_case(1);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_scenario(
-        "burst-with-keyframe",
-        true,
-        [(50, 90), (50, 50)],
-        [4..=9, 6..=9, 7..=9],
-    );
+    burst_case(2);
 }
 
 #[test]

@@ -279,20 +279,12 @@ fn changed_streamheader_is_resent() {
     fed.stop();
 }
 
-/// The check suite's burst scenarios with three sockets (`common::burst_scenario`).
-fn burst_scenario(
-    sync: &str,
-    keyframes: bool,
-    limits: [(u64, u64); 2],
-    expect: [std::ops::RangeInclusive<u32>; 3],
-) {
+/// Case `i` of the check suite's burst scenarios, with three sockets.
+fn burst_case(i: usize) {
     let [a, b, c] = [socket_pair(), socket_pair(), socket_pair()];
     common::burst_scenario(
         SINK,
-        sync,
-        keyframes,
-        limits,
-        expect,
+        BURST_CASES[i].clone(),
         [
             (a.0.to_value(), &a.1),
             (b.0.to_value(), &b.1),
@@ -303,27 +295,17 @@ fn burst_scenario(
 
 #[test]
 fn burst_client_bytes() {
-    burst_scenario("burst", false, [(50, 200), (50, 50)], [5..=9, 6..=9, 7..=9]);
+    burst_case(0);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_scenario(
-        "burst-keyframe",
-        true,
-        [(50, 90), (50, 50)],
-        [4..=9, 8..=9, 8..=9],
-    );
+    burst_case(1);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_scenario(
-        "burst-with-keyframe",
-        true,
-        [(50, 90), (50, 50)],
-        [4..=9, 6..=9, 7..=9],
-    );
+    burst_case(2);
 }
 
 #[test]

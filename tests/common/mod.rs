@@ -338,6 +338,32 @@ pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
     }
 }
 
+/// A burst scenario of the check suite: sync method, keyframes every fourth buffer,
+/// the (min, max) bytes of the two `add_full` clients, the buffers each client gets.
+pub type BurstCase = (
+    &'static str,
+    bool,
+    [(u64, u64); 2],
+    [std::ops::RangeInclusive<u32>; 3],
+);
+
+/// `test_burst_client_bytes`, `..._keyframe` and `..._with_keyframe`.
+pub const BURST_CASES: [BurstCase; 3] = [
+    ("burst", false, [(50, 200), (50, 50)], [5..=9, 6..=9, 7..=9]),
+    (
+        "burst-keyframe",
+        true,
+        [(50, 90), (50, 50)],
+        [4..=9, 8..=9, 8..=9],
+    ),
+    (
+        "burst-with-keyframe",
+        true,
+        [(50, 90), (50, 50)],
+        [4..=9, 6..=9, 7..=9],
+    ),
+];
+
 /// The three burst scenarios of GStreamer's check suite, for any handle type: 9
 /// buffers of 16 bytes queued with bytes-min 100, then `clients` (a handle as the
 /// element's signals take it, and the end its bytes are read from) are added: the
@@ -345,10 +371,7 @@ pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
 /// buffer, each reads exactly the buffers of `expect`.
 pub fn burst_scenario<R: AsFd>(
     factory: &str,
-    sync: &str,
-    keyframes: bool,
-    limits: [(u64, u64); 2],
-    expect: [std::ops::RangeInclusive<u32>; 3],
+    (sync, keyframes, limits, expect): BurstCase,
     clients: [(gst::glib::Value, R); 3],
 ) {
     let mut h = harness(
