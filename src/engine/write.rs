@@ -16,7 +16,7 @@ use super::types::Payload;
 /// Most buffers handed to one `writev`/`sendmsg` (Linux's IOV_MAX).
 const MAX_IOV: usize = 1024;
 /// Bytes one client may write in one turn before the others get theirs.
-const TURN_BUDGET: usize = 4 << 20;
+pub(super) const TURN_BUDGET: usize = 4 << 20;
 
 /// What a turn of writing did to a client.
 pub(super) enum Turn {
@@ -47,82 +47,150 @@ pub(super) fn write_turn(
     }
     let mut budget = TURN_BUDGET;
     loop {
-        // Streamheaders of a new caps generation go out before its first buffer.
-        if let Some(entry) = queue.get(c.pos)
-            && !same_streamheader(&entry.streamheader, &c.streamheader)
-        {
-            if let Some(sh) = &entry.streamheader
-                && (!c.had_streamheader || resend)
-            {
-                c.outbox.extend(sh.iter().map(|h| Unsent {
-                    data: h.clone(),
-                    offset: 0,
-                }));
-                c.had_streamheader = true;
-            }
-            c.streamheader = entry.streamheader.clone();
-        }
-        let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
-        let mut iov = IoVec::new();
-        let mut total = 0usize;
-        for p in &c.outbox {
-            let bytes = &(*p.data).as_ref()[p.offset..];
-            total += bytes.len();
-            iov.push(IoSlice::new(bytes));
-        }
-        let mut entries = 0u64;
-        while iov.len() < MAX_IOV && c.pos + entries < limit && total < budget {
-            let entry = queue.get(c.pos + entries).unwrap();
-            if !same_streamheader(&entry.streamheader, &c.streamheader) {
-                break;
-            }
-            let bytes = (*entry.chunk.data).as_ref();
-            total += bytes.len();
-            iov.push(IoSlice::new(bytes));
-            entries += 1;
-        }
-        if iov.is_empty() {
-            return if c.flush_until.is_some() {
-                Turn::Flushed
-            } else {
-                Turn::CaughtUp
-            };
-        }
+        take_streamheader(c, queue, resend);
+        let plan = match plan_write(c, queue, budget) {
+            Ok(plan) => plan,
+            Err(turn) => return turn,
+        };
+        let (total, entries) = (plan.total, plan.entries);
         let result = if total == 0 {
             Ok(0)
         } else {
-            write_iov(c.fd, c.kind, iov.as_slice())
+            write_iov(c.fd, c.kind, plan.iov.as_slice())
         };
-        drop(iov);
-        match result {
-            Ok(n) => {
-                consume(c, queue, n, entries, sent.as_deref_mut());
-                *served += n as u64;
-                if n > 0 {
-                    c.bytes_sent += n as u64;
-                    c.last_activity = now;
-                }
-                if n < total && c.watch == Watch::Epoll {
-                    // A short write means the fd is full; edge-triggered epoll
-                    // tells us when it drains.
-                    return Turn::Blocked;
-                }
-                budget = budget.saturating_sub(n);
-                if budget == 0 {
-                    return Turn::Yield;
-                }
-            }
-            Err(Errno::EINTR) => continue,
-            Err(Errno::EAGAIN) => return Turn::Blocked,
-            Err(e) => return Turn::Failed(e),
+        drop(plan);
+        let written = Written {
+            result,
+            total,
+            entries,
+        };
+        if let Some(turn) = settle(
+            c,
+            queue,
+            written,
+            now,
+            served,
+            sent.as_deref_mut(),
+            &mut budget,
+        ) {
+            return turn;
         }
+    }
+}
+
+/// Queues the streamheader of a new caps generation in the client's outbox before
+/// that generation's first buffer (once, or again with `resend`).
+pub(super) fn take_streamheader(c: &mut Client, queue: &BufferQueue, resend: bool) {
+    if let Some(entry) = queue.get(c.pos)
+        && !same_streamheader(&entry.streamheader, &c.streamheader)
+    {
+        if let Some(sh) = &entry.streamheader
+            && (!c.had_streamheader || resend)
+        {
+            c.outbox.extend(sh.iter().map(|h| Unsent {
+                data: h.clone(),
+                offset: 0,
+            }));
+            c.had_streamheader = true;
+        }
+        c.streamheader = entry.streamheader.clone();
+    }
+}
+
+/// What one `sendmsg`/`writev` to a client carries: its outbox, then queued buffers
+/// of its streamheader generation, up to `MAX_IOV` buffers and about `budget` bytes.
+pub(super) struct Plan<'a> {
+    pub iov: IoVec<'a>,
+    /// Bytes in `iov`.
+    pub total: usize,
+    /// Queued buffers in `iov` after the outbox.
+    pub entries: u64,
+}
+
+/// Plans the client's next write, or says why there is none: it is caught up, or
+/// its `remove-flush` is done.
+pub(super) fn plan_write<'a>(
+    c: &'a Client,
+    queue: &'a BufferQueue,
+    budget: usize,
+) -> Result<Plan<'a>, Turn> {
+    let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
+    let mut iov = IoVec::new();
+    let mut total = 0usize;
+    for p in &c.outbox {
+        let bytes = &(*p.data).as_ref()[p.offset..];
+        total += bytes.len();
+        iov.push(IoSlice::new(bytes));
+    }
+    let mut entries = 0u64;
+    while iov.len() < MAX_IOV && c.pos + entries < limit && total < budget {
+        let entry = queue.get(c.pos + entries).unwrap();
+        if !same_streamheader(&entry.streamheader, &c.streamheader) {
+            break;
+        }
+        let bytes = (*entry.chunk.data).as_ref();
+        total += bytes.len();
+        iov.push(IoSlice::new(bytes));
+        entries += 1;
+    }
+    if iov.is_empty() {
+        return Err(if c.flush_until.is_some() {
+            Turn::Flushed
+        } else {
+            Turn::CaughtUp
+        });
+    }
+    Ok(Plan {
+        iov,
+        total,
+        entries,
+    })
+}
+
+/// The outcome of one planned write, once the plan's borrows are over.
+pub(super) struct Written {
+    pub result: nix::Result<usize>,
+    pub total: usize,
+    pub entries: u64,
+}
+
+/// Accounts one write's outcome to the client. `None`: the turn goes on (more to
+/// write, budget left); otherwise how the turn ends.
+pub(super) fn settle(
+    c: &mut Client,
+    queue: &mut BufferQueue,
+    written: Written,
+    now: Instant,
+    served: &mut u64,
+    sent: Option<&mut Vec<(RawFd, Payload)>>,
+    budget: &mut usize,
+) -> Option<Turn> {
+    match written.result {
+        Ok(n) => {
+            consume(c, queue, n, written.entries, sent);
+            *served += n as u64;
+            if n > 0 {
+                c.bytes_sent += n as u64;
+                c.last_activity = now;
+            }
+            if n < written.total && c.watch == Watch::Epoll {
+                // A short write means the fd is full; edge-triggered epoll
+                // tells us when it drains.
+                return Some(Turn::Blocked);
+            }
+            *budget = budget.saturating_sub(n);
+            (*budget == 0).then_some(Turn::Yield)
+        }
+        Err(Errno::EINTR) => None,
+        Err(Errno::EAGAIN) => Some(Turn::Blocked),
+        Err(e) => Some(Turn::Failed(e)),
     }
 }
 
 /// The iovec of one write: on the stack for the usual handful of buffers, so the
 /// common write (one new buffer to a caught-up client) allocates nothing; on the
 /// heap only for a client catching up on many.
-struct IoVec<'a> {
+pub(super) struct IoVec<'a> {
     inline: [IoSlice<'a>; INLINE_IOV],
     len: usize,
     heap: Vec<IoSlice<'a>>,
@@ -160,7 +228,7 @@ impl<'a> IoVec<'a> {
         self.len == 0
     }
 
-    fn as_slice(&self) -> &[IoSlice<'a>] {
+    pub(super) fn as_slice(&self) -> &[IoSlice<'a>] {
         if self.len <= INLINE_IOV {
             &self.inline[..self.len]
         } else {
