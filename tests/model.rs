@@ -131,6 +131,11 @@ fn random_amount(rng: &mut Rng) -> Option<Amount> {
 }
 
 fn run(seed: u64, io_threads: usize) {
+    run_with(seed, io_threads, Settings::default());
+}
+
+/// One random run with these settings (the queue is kept whole whatever they say).
+fn run_with(seed: u64, io_threads: usize, settings: Settings) {
     let mut rng = Rng::new(seed);
     let removals = Arc::new(Removals::default());
     let engine = Engine::new(removals.clone()).unwrap();
@@ -138,7 +143,7 @@ fn run(seed: u64, io_threads: usize) {
     // Keep the whole stream queued so the model need not know about trimming.
     engine.set_settings(Settings {
         buffers_min: Some(100_000),
-        ..Settings::default()
+        ..settings
     });
     engine.start().unwrap();
     let mut stream: Vec<Pushed> = Vec::new();
@@ -243,5 +248,18 @@ fn engine_matches_reference_model() {
 fn sharded_engine_matches_reference_model() {
     for seed in 41..=60u64 {
         run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3);
+    }
+}
+
+/// The same with write batching: clients' data waits for their batch, and the bytes
+/// stay exactly the model's.
+#[test]
+fn batching_engine_matches_reference_model() {
+    for seed in 61..=80u64 {
+        let settings = Settings {
+            batch_time: Some(Duration::from_millis(5)),
+            ..Settings::default()
+        };
+        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);
     }
 }

@@ -52,6 +52,9 @@ pub(crate) enum Phase {
     Ready,
     /// Has sent everything there is: on the idle list until the next buffer.
     Idle,
+    /// Has data, but waits until its batch is due (`batch-time`) so that more
+    /// buffers go out in the same call.
+    Batching,
     /// The fd said EAGAIN: waits for EPOLLOUT.
     Blocked,
     /// Being removed: no more IO; signals pending.
@@ -139,6 +142,8 @@ pub(crate) struct Client {
     /// Since when its fd has been seen full past `units-max` (cleared when seen
     /// with room, or caught up): slow once that lasted the grace.
     pub full_since: Option<Instant>,
+    /// While `Batching`: when its batch is due (tells stale timer entries apart).
+    pub batch_due: Option<Instant>,
     pub disconnected_at: Option<(Instant, SystemTime)>,
     pub bytes_sent: u64,
     pub buffers_dropped: u64,
@@ -170,6 +175,7 @@ impl Client {
             handle_read: true,
             config,
             phase: Phase::Adding,
+            batch_due: None,
             pos: 0,
             positioned: false,
             outbox: VecDeque::new(),

@@ -83,6 +83,8 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
         // even while new buffers keep every other client busy, and the lock is let
         // go so the streaming thread can queue buffers meanwhile.
         st.now = Instant::now();
+        let now = st.now;
+        st.end_due_batches(now);
         for _ in 0..CLIENTS_PER_LOCK {
             let Some(id) = st.pop_ready() else { break };
             st.serve(id);
@@ -97,9 +99,19 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
         engine_wait = if st.has_ready() {
             Some(Duration::ZERO)
         } else {
-            st.timeout()
-                .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK))
+            let expiry = st
+                .timeout()
+                .map(|t| (t / 4).clamp(Duration::from_millis(5), MAX_TIMEOUT_TICK));
+            let batch = st
+                .batches
+                .next_due()
+                .map(|due| due.saturating_duration_since(Instant::now()));
+            match (expiry, batch) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
         };
+        st.io_deadline = engine_wait.map(|w| Instant::now() + w);
         // A push waits for the clients it left behind to be reached.
         if st.backpressure_waiters > 0 && !st.io_behind() {
             worker.caught_up.notify_all();

@@ -17,6 +17,7 @@
 //! `directory` (which worker holds each fd), `worker`, `pool` (the workers),
 //! `service` (the server's handle), `io_loop` (an IO thread), then `Engine` here.
 
+mod batch;
 mod client;
 mod client_fd;
 mod directory;
@@ -211,6 +212,14 @@ impl Engine {
 
     /// While flushing (a flush or a state change is under way), `push` does not wait
     /// for the IO threads.
+    /// Writes at once what clients hold back for their batch (`batch-time`): call
+    /// it at the end of the stream, when no more buffers will join their batch.
+    pub fn end_batches(&self) {
+        for worker in self.pool.workers().iter() {
+            worker.end_batches();
+        }
+    }
+
     pub fn set_flushing(&self, flushing: bool) {
         for worker in self.pool.workers().iter() {
             worker.set_flushing(flushing);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollFlags};
 
+use super::batch::Batches;
 use super::client::{Client, ClientId, FdKind, IdMap, Phase, Watch};
 use super::client_fd::{full_fds, read_input, watch_writable};
 use super::queue::BufferQueue;
@@ -38,6 +39,11 @@ pub(super) struct WorkerState {
     pub(super) ready: VecDeque<ClientId>,
     pub(super) idle: Vec<ClientId>,
     pub(super) joining: Vec<ClientId>,
+    /// Clients with data that wait for their batch (`batch-time`).
+    pub(super) batches: Batches,
+    /// When the IO thread wakes up next at the latest (`None`: only when woken):
+    /// a push that makes a batch due sooner wakes it.
+    pub(super) io_deadline: Option<Instant>,
     /// Removed by the streaming side or the IO thread; the IO thread emits signals.
     pub(super) removed: Vec<Removal>,
     /// With `keep_input` / `report_sent`: what the IO thread reports after a pass,
@@ -92,6 +98,8 @@ impl WorkerState {
             ready: VecDeque::new(),
             idle: Vec::new(),
             joining: Vec::new(),
+            batches: Batches::new(),
+            io_deadline: None,
             removed: Vec::new(),
             input: Vec::new(),
             sent: Vec::new(),
@@ -119,14 +127,77 @@ impl WorkerState {
     pub(super) fn push(&mut self, chunk: Chunk) -> u64 {
         self.bytes_to_serve += chunk.len() as u64;
         let seq = self.queue.push(chunk, self.streamheader.clone());
+        let batch = self.settings.batch_time;
+        let now = batch.map(|_| Instant::now());
+        let mut waiting = Vec::new();
         for id in std::mem::take(&mut self.idle) {
-            if let Some(c) = self.clients.get_mut(&id).filter(|c| c.phase == Phase::Idle) {
-                c.phase = Phase::Ready;
-                self.ready.push_back(id);
+            let Some(c) = self.clients.get_mut(&id).filter(|c| c.phase == Phase::Idle) else {
+                continue;
+            };
+            match batch.zip(now) {
+                Some((period, now)) => {
+                    let due = self.batches.due_for(id, period, now);
+                    c.phase = Phase::Batching;
+                    c.batch_due = Some(due);
+                    waiting.push((id, due));
+                }
+                None => {
+                    c.phase = Phase::Ready;
+                    self.ready.push_back(id);
+                }
             }
+        }
+        self.batches.add_group(seq, waiting);
+        for id in self.batches.take_full_groups(&self.queue) {
+            self.end_batch(id);
         }
         self.place_joining(seq);
         self.enforce_limits()
+    }
+
+    /// Whether the IO thread must be woken for a batch due before it would wake up
+    /// anyway; if so, that is now its deadline.
+    pub(super) fn batch_needs_wake(&mut self) -> bool {
+        match self.batches.next_due() {
+            Some(due) if self.io_deadline.is_none_or(|d| due < d) => {
+                self.io_deadline = Some(due);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves a client waiting for its batch to the ready list now.
+    pub(super) fn end_batch(&mut self, id: ClientId) {
+        if let Some(c) = self
+            .clients
+            .get_mut(&id)
+            .filter(|c| c.phase == Phase::Batching)
+        {
+            c.phase = Phase::Ready;
+            c.batch_due = None;
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Moves the clients whose batch is due by `now` to the ready list.
+    pub(super) fn end_due_batches(&mut self, now: Instant) {
+        for (due, id) in self.batches.take_due(now) {
+            if self
+                .clients
+                .get(&id)
+                .is_some_and(|c| c.batch_due == Some(due))
+            {
+                self.end_batch(id);
+            }
+        }
+    }
+
+    /// Ends every batch now (EOS, batching turned off).
+    pub(super) fn end_all_batches(&mut self) {
+        for id in self.batches.take_all() {
+            self.end_batch(id);
+        }
     }
 
     /// Gives clients that wait to join a start position, now that buffer `seq` is in.
@@ -194,6 +265,11 @@ impl WorkerState {
             let mass = self.mass_lag_until.is_some_and(|until| now < until);
             for id in laggards {
                 let c = &self.clients[&id];
+                if c.phase == Phase::Batching {
+                    // Waiting for its batch, not for its peer: it goes now.
+                    self.end_batch(id);
+                    continue;
+                }
                 let full_now = full
                     .get(&c.fd)
                     .copied()
@@ -534,8 +610,13 @@ impl WorkerState {
         let expired: Vec<ClientId> = self
             .clients
             .values()
-            // A ready client waits for the IO thread, not for its peer.
-            .filter(|c| !matches!(c.phase, Phase::Removing | Phase::Adding | Phase::Ready))
+            // A ready or batching client waits for the IO thread, not for its peer.
+            .filter(|c| {
+                !matches!(
+                    c.phase,
+                    Phase::Removing | Phase::Adding | Phase::Ready | Phase::Batching
+                )
+            })
             .filter(|c| now.saturating_duration_since(c.last_activity) > timeout)
             .map(|c| c.id)
             .collect();

@@ -193,6 +193,9 @@ pub struct Settings {
     pub default_placement: ClientConfig,
     /// What happens when the IO threads, not the clients, fall behind.
     pub overload_policy: OverloadPolicy,
+    /// How long a caught-up client's new data may wait so that several buffers go
+    /// out in one call (`batch-time`); `None` writes as soon as data arrives.
+    pub batch_time: Option<Duration>,
 }
 
 /// What the engine does when the IO threads cannot keep up with the stream: a
@@ -240,6 +243,7 @@ impl Default for Settings {
             qos_dscp: None,
             default_placement: ClientConfig::default(),
             overload_policy: OverloadPolicy::BackPressure,
+            batch_time: None,
         }
     }
 }

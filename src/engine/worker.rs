@@ -152,6 +152,7 @@ impl Worker {
             st.idle.clear();
             st.ready.clear();
             st.joining.clear();
+            st.batches.take_all();
             st.input.clear();
             st.sent.clear();
             removed
@@ -163,6 +164,9 @@ impl Worker {
         let mut st = self.lock();
         let dscp_changed = st.settings.qos_dscp != settings.qos_dscp;
         st.settings = settings;
+        if st.settings.batch_time.is_none() {
+            st.end_all_batches();
+        }
         if dscp_changed {
             let dscp = st.settings.qos_dscp;
             for c in st.clients.values().filter(|c| c.kind == FdKind::Socket) {
@@ -242,6 +246,17 @@ impl Worker {
         AddOutcome::Added
     }
 
+    /// Sends what clients wait with for their batch now (EOS: the stream ends, so
+    /// nothing more would join their batch).
+    pub(super) fn end_batches(&self) {
+        let mut st = self.lock();
+        st.end_all_batches();
+        if st.has_ready() {
+            drop(st);
+            self.wake();
+        }
+    }
+
     /// Clients that are not being removed.
     pub(super) fn client_count(&self) -> usize {
         self.lock().live
@@ -312,7 +327,7 @@ impl Worker {
             return false;
         };
         match c.phase {
-            Phase::Ready | Phase::Blocked if c.flush_until.is_none() => {
+            Phase::Ready | Phase::Blocked | Phase::Batching if c.flush_until.is_none() => {
                 log!(
                     self.listener,
                     Info,
@@ -321,6 +336,13 @@ impl Worker {
                 );
                 c.flush_until = Some(next);
                 c.status = ClientStatus::Flushing;
+                // Flushes are not batched.
+                let (id, batching) = (c.id, c.phase == Phase::Batching);
+                if batching {
+                    st.end_batch(id);
+                    drop(st);
+                    self.wake();
+                }
                 true
             }
             _ if c.flush_until.is_some() => true,
@@ -378,7 +400,7 @@ impl Worker {
             return PushReport::default();
         }
         let dropped = st.push(chunk);
-        if !st.ready.is_empty() || !st.removed.is_empty() {
+        if !st.ready.is_empty() || !st.removed.is_empty() || st.batch_needs_wake() {
             self.wake();
         }
         let mut report = PushReport {

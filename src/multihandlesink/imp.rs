@@ -45,6 +45,8 @@ const DEFAULT_IO_THREADS: u32 = 1;
 const MAX_IO_THREADS: u32 = 64;
 const DEFAULT_REQUEST_KEYFRAME: bool = false;
 const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
+/// 0: write as soon as data arrives.
+const DEFAULT_BATCH_TIME: u64 = 0;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
@@ -71,6 +73,7 @@ struct Settings {
     io_threads: u32,
     request_keyframe: bool,
     overload_policy: OverloadPolicy,
+    batch_time: u64,
 }
 
 impl Default for Settings {
@@ -95,6 +98,7 @@ impl Default for Settings {
             io_threads: DEFAULT_IO_THREADS,
             request_keyframe: DEFAULT_REQUEST_KEYFRAME,
             overload_policy: DEFAULT_OVERLOAD_POLICY,
+            batch_time: DEFAULT_BATCH_TIME,
         }
     }
 }
@@ -141,6 +145,7 @@ impl Settings {
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
             default_placement,
             overload_policy: self.overload_policy.into(),
+            batch_time: (self.batch_time > 0).then(|| Duration::from_nanos(self.batch_time)),
         }
     }
 
@@ -714,6 +719,12 @@ impl ObjectImpl for RsMultiHandleSink {
                     .nick("Overload policy")
                     .blurb("What to do when the IO threads cannot keep up with the stream (clients are never kicked for it)")
                     .build(),
+                glib::ParamSpecUInt64::builder("batch-time")
+                    .nick("Batch time")
+                    .blurb("How long in nanoseconds a client's new data may wait so that several buffers go out in one write (0 = write at once)")
+                    .default_value(DEFAULT_BATCH_TIME)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecDouble::builder("io-load")
                     .nick("IO load")
                     .blurb("How busy the busiest IO thread was over its last 100 ms (0 to 1)")
@@ -777,6 +788,7 @@ impl ObjectImpl for RsMultiHandleSink {
             }
             "request-keyframe" => s.request_keyframe = value.get().unwrap(),
             "overload-policy" => s.overload_policy = value.get().unwrap(),
+            "batch-time" => s.batch_time = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -806,6 +818,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "io-threads" => s.io_threads.to_value(),
             "request-keyframe" => s.request_keyframe.to_value(),
             "overload-policy" => s.overload_policy.to_value(),
+            "batch-time" => s.batch_time.to_value(),
             "io-load" => {
                 drop(s);
                 self.engine().io_load().to_value()
@@ -906,6 +919,16 @@ impl BaseSinkImpl for RsMultiHandleSink {
         let report = self.engine().push(chunk);
         self.track_overload(report);
         Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// The end of the stream: what clients hold back for their batch goes now.
+    fn event(&self, event: gst::Event) -> bool {
+        if let gst::EventView::Eos(_) = event.view()
+            && let Some(engine) = self.engine.get()
+        {
+            engine.end_batches();
+        }
+        self.parent_event(event)
     }
 
     /// A flush or a state change: a render waiting for the IO threads returns.
