@@ -82,19 +82,15 @@ fn in_range(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> bool {
     changed == 0
 }
 
-/// The properties `--io-threads` and `--rs-prop` will set on rsmultifdsink, each
-/// checked on an element of this build, so a wrong one stops the benchmark before
-/// the first run.
-pub fn check_rs_props(io_threads: &[u32], props: &[(String, String)]) -> Result<(), String> {
+/// The properties one rs variant will set (`--rs-prop`'s, then its own), checked on
+/// an element of this build, so a wrong one stops the benchmark before the first run.
+pub fn check_rs_props(props: &[(String, String)]) -> Result<(), String> {
     init_gstreamer();
     let sink = gst::ElementFactory::make("rsmultifdsink")
         .build()
         .map_err(|e| format!("rsmultifdsink: {e}"))?;
-    let io = io_threads
-        .iter()
-        .map(|n| ("io-threads".to_string(), n.to_string()));
-    for (name, text) in io.chain(props.iter().cloned()) {
-        prop_value(&sink, &name, &text)?;
+    for (name, text) in props {
+        prop_value(&sink, name, text)?;
     }
     Ok(())
 }
@@ -114,10 +110,7 @@ impl ElementRun {
         sink.set_property_from_str("unit-format", "buffers");
         sink.set_property("units-max", spec.units_max);
         if elem == Elem::Rs {
-            let io = spec
-                .io_threads
-                .map(|n| ("io-threads".to_string(), n.to_string()));
-            for (name, text) in io.iter().chain(&spec.rs_props) {
+            for (name, text) in &spec.rs_props {
                 let value = prop_value(&sink, name, text).unwrap_or_else(|e| panic!("{e}"));
                 sink.set_property_from_value(name, &value);
             }

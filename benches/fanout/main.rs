@@ -51,6 +51,7 @@ mod report;
 mod selftest;
 mod sink;
 mod spec;
+mod targets;
 mod units;
 
 use args::Opts;
@@ -64,10 +65,7 @@ fn main() {
         _ if args.iter().any(|a| a == "--bench") => {
             let args: Vec<String> = args.into_iter().filter(|a| a != "--bench").collect();
             let o = Opts::parse(&args).unwrap_or_else(|e| e.exit());
-            let mut out = Output {
-                csv: csv::Csv::open(o.csv.as_deref()),
-                rows: Vec::new(),
-            };
+            let mut out = Output::new(csv::Csv::open(o.csv.as_deref()));
             orchestrate(&o, &mut out);
         }
         _ => selftest::main(),

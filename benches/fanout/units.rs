@@ -50,3 +50,21 @@ pub fn fmt_size(s: usize) -> String {
         format!("{s}B")
     }
 }
+
+/// Buffers per second as the tables show them: `250`, `8`, `30.52`.
+pub fn fmt_rate(rate: f64) -> String {
+    format!("{}", (rate * 100.0).round() / 100.0)
+}
+
+/// A paced stream as the tables show it: the bitrate and the buffers per second of
+/// `size` bytes (`8192k, 250/s`); `max` unpaced.
+pub fn fmt_pace(b: Option<u64>, size: usize) -> String {
+    match b {
+        None => "max".into(),
+        Some(bits) => format!(
+            "{}, {}/s",
+            fmt_bitrate(b),
+            fmt_rate(bits as f64 / 8.0 / size as f64)
+        ),
+    }
+}
