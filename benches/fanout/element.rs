@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 
 use crate::os::SharedCounters;
-use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed};
+use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed_holding};
 use crate::spec::{Elem, FLAG_MEASURED, Spec, write_stamp};
 use crate::system::init_gstreamer;
+use crate::targets::BATCH_TIME;
 
 pub struct ElementRun {
     sink: gst::Element,
@@ -191,11 +192,12 @@ impl ElementRun {
             }
         }
         meter.end_window();
-        let flushed = wait_flushed(
+        let flushed = wait_flushed_holding(
             counters,
             p.seq,
             || self.alive(n) as u64,
             || std::thread::sleep(Duration::from_millis(2)),
+            batch_time(spec),
         );
         let m = meter.finish(
             &p,
@@ -241,6 +243,20 @@ impl ElementRun {
         }
         buf
     }
+}
+
+/// How long rs may hold a client's data back in this run (its batch-time; zero when
+/// not set or for C). The latency figures need nothing for it: each buffer's stamp is
+/// taken before `push`, so time held in the element is part of its latency.
+fn batch_time(spec: &Spec) -> Duration {
+    let ns = spec
+        .rs_props
+        .iter()
+        .rev()
+        .find(|(k, _)| k == BATCH_TIME)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
 }
 
 /// A src pad linked to the sink, the sink PLAYING and the stream's sticky events sent.
