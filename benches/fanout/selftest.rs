@@ -9,7 +9,8 @@
 //! whole; the drain must catch a skipped buffer; a property rsmultifdsink does not
 //! have must be refused before any run. Named rs variants (`--rs-variant`) and paced
 //! rates (`--rate`) must run as their own columns, and `--mode targets` on its cases
-//! scaled down to 4 clients must give every target its figures.
+//! scaled down to 4 clients must give every target its figures; scripts/bench-plot.py
+//! must plot and tabulate both runs' CSVs (every column, every buffer size).
 
 use crate::args::Opts;
 use crate::csv::Csv;
@@ -269,13 +270,13 @@ fn targets_problems(dir: &std::path::Path) -> (usize, Vec<String>) {
     (out.rows.len(), failures)
 }
 
-/// The runs of `--elements c --rs-variant io1:... --rate 300`: C and the variant
-/// with its properties, paced at 300 buffers/s.
+/// The runs of `--elements c --rs-variant io1:... --rate 300 --size 4K,64K`: C and
+/// the variant with its properties, paced at 300 buffers/s of each size.
 fn variant_problems(rows: &[Row]) -> Vec<String> {
-    let mut labels: Vec<&str> = rows.iter().map(|r| r.elem.as_str()).collect();
+    let mut labels: Vec<(&str, usize)> = rows.iter().map(|r| (r.elem.as_str(), r.size)).collect();
     labels.sort();
     let mut failures = Vec::new();
-    if labels != ["c", "io1"] {
+    if labels != [("c", 4096), ("c", 65536), ("io1", 4096), ("io1", 65536)] {
         failures.push(format!("variant case ran {labels:?}"));
     }
     for r in rows {
@@ -288,6 +289,72 @@ fn variant_problems(rows: &[Row]) -> Vec<String> {
         if !paced || r.rs_props != props || r.io_threads != u32::from(r.elem == "io1") {
             failures.push(format!("variant case row {r:?}"));
         }
+    }
+    failures
+}
+
+/// Runs scripts/bench-plot.py with `args`; its standard output, or why it failed.
+fn plot_script(args: &[&std::ffi::OsStr]) -> Result<String, String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-plot.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "bench-plot.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// scripts/bench-plot.py on the variant case's CSV (C and `io1`, 4 KiB and 64 KiB):
+/// a band of panels per size with both columns, a Markdown row per column, size and
+/// client count; and on the targets' CSV: its tables and the sustain table.
+fn plot_problems(variants_csv: &std::path::Path, targets_csv: &std::path::Path) -> Vec<String> {
+    let svg = variants_csv.with_extension("svg");
+    let mut failures = Vec::new();
+    match plot_script(&[variants_csv.as_os_str(), "-o".as_ref(), svg.as_os_str()]) {
+        Ok(_) => {
+            let text = std::fs::read_to_string(&svg).unwrap_or_default();
+            for want in [
+                "4 KiB buffers",
+                "64 KiB buffers",
+                "rs io1",
+                "multifdsink (C)",
+            ] {
+                if !text.contains(want) {
+                    failures.push(format!("plot: no {want:?}"));
+                }
+            }
+        }
+        Err(e) => failures.push(e),
+    }
+    match plot_script(&[variants_csv.as_os_str(), "--markdown".as_ref()]) {
+        Ok(md) => {
+            for want in ["| 3 | io1 |", "| 3 | c |"] {
+                if md.matches(want).count() != 2 {
+                    failures.push(format!("markdown: {want:?} not once per size:\n{md}"));
+                }
+            }
+        }
+        Err(e) => failures.push(e),
+    }
+    match plot_script(&[targets_csv.as_os_str(), "--markdown".as_ref()]) {
+        Ok(md) => {
+            for want in [
+                "#### targets: unix, 64 KiB",
+                "| 4 | bt20 |",
+                "sustained without a kick",
+            ] {
+                if !md.contains(want) {
+                    failures.push(format!("targets markdown: no {want:?}:\n{md}"));
+                }
+            }
+        }
+        Err(e) => failures.push(e),
     }
     failures
 }
@@ -314,6 +381,8 @@ pub fn main() {
             "unix",
             "--rate",
             "300",
+            "--size",
+            "4K,64K",
             "--elements",
             "c",
             "--rs-variant",
@@ -393,6 +462,7 @@ pub fn main() {
     let (target_runs, target_failures) = targets_problems(&dir);
     runs += target_runs;
     failures.extend(target_failures);
+    failures.extend(plot_problems(&dir.join("2.csv"), &dir.join("targets.csv")));
     let _ = std::fs::remove_dir_all(&dir);
     if !failures.is_empty() {
         for f in &failures {

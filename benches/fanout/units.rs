@@ -39,6 +39,9 @@ pub fn fmt_bitrate(b: Option<u64>) -> String {
         None => "max".into(),
         Some(b) if b >= 1_000_000 && b % 1_000_000 == 0 => format!("{}M", b / 1_000_000),
         Some(b) if b >= 1_000 && b % 1_000 == 0 => format!("{}k", b / 1_000),
+        // Paced by --rate: 3.2768M (the shortest exact decimal).
+        Some(b) if b >= 1_000_000 => format!("{}M", b as f64 / 1e6),
+        Some(b) if b >= 1_000 => format!("{}k", b as f64 / 1e3),
         Some(b) => format!("{b}"),
     }
 }
