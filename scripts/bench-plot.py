@@ -22,7 +22,8 @@ import sys
 from collections import defaultdict
 from xml.sax.saxutils import escape
 
-# The elements; every other column is a named rsmultifdsink variant.
+# The elements; every other column is a named rsmultifdsink variant, or another
+# floor when its name starts with "raw" (raw-uring).
 STYLE = {
     "rs": ("#d95f02", "", "rsmultifdsink"),
     "c": ("#1b6fb3", "", "multifdsink (C)"),
@@ -49,19 +50,28 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+def is_rs(elem):
+    """Whether a column is rsmultifdsink (plain or a variant), not C or a floor."""
+    return elem != "c" and not elem.startswith("raw")
+
+
 def columns(rows):
-    """Column names in table order: rs, the variants (as they first appear), C, raw."""
+    """Column names in table order: rs, the variants (as they first appear), C, the
+    floors."""
     seen = []
     for r in rows:
         if r["element"] not in seen:
             seen.append(r["element"])
-    variants = [e for e in seen if e not in STYLE]
-    return [e for e in ("rs",) if e in seen] + variants + [e for e in ("c", "raw") if e in seen]
+    variants = [e for e in seen if is_rs(e) and e != "rs"]
+    floors = [e for e in seen if e.startswith("raw")]
+    return [e for e in ("rs",) if e in seen] + variants + [e for e in ("c",) if e in seen] + floors
 
 
 def style(elem, variants):
     if elem in STYLE:
         return STYLE[elem]
+    if not is_rs(elem):
+        return ("#333333", "2,3", f"{elem} floor")
     i = variants.index(elem)
     return (VARIANT_COLORS[i % len(VARIANT_COLORS)],
             VARIANT_DASHES[i // len(VARIANT_COLORS) % len(VARIANT_DASHES)], f"rs {elem}")
@@ -214,7 +224,7 @@ def plot(rows, size, title, output):
     if not data:
         sys.exit("no matrix rows with status ok" + (f" for size {size}" if size else ""))
     elems = columns([r for r in rows if r["mode"] in MATRIX_MODES])
-    variants = [e for e in elems if e not in STYLE]
+    variants = [e for e in elems if is_rs(e) and e != "rs"]
     styles = {e: style(e, variants) for e in elems}
 
     def panel_key(p):
@@ -286,7 +296,7 @@ def props_line(rows, elems):
     """Each variant's properties, from the CSV's rs_props."""
     out = []
     for e in elems:
-        if e in ("c", "raw"):
+        if not is_rs(e):
             continue
         props = {r.get("rs_props", "") for r in rows if r["element"] == e}
         text = "; ".join(sorted(p.replace(";", " ") for p in props if p))
@@ -340,7 +350,7 @@ def markdown(rows):
                 failed = sum(1 for r in e[el] if r["status"] != "ok")
                 if failed:
                     bad.append(f"{failed} runs failed")
-                vs = lambda kk, other: "" if el in ("c", "raw") else ratio(get(el, kk), get(other, kk))
+                vs = lambda kk, other: ratio(get(el, kk), get(other, kk)) if is_rs(el) else ""
                 print(f"| {clients} | {el} | {num(get(el, 'cpu_s_per_gb'))} | {vs('cpu_s_per_gb', 'c')} "
                       f"| {vs('cpu_s_per_gb', 'raw')} | {num(get(el, 'p99_ms'))} | {vs('p99_ms', 'c')} "
                       f"| {num(get(el, 'push_p99_us'))} | {num(get(el, 'gbit_s'))} "
@@ -349,7 +359,7 @@ def markdown(rows):
     if sustain:
         print("\n#### Highest client count sustained without a kick\n")
         elems = columns(sustain)
-        rs_cols = [e for e in elems if e not in ("c", "raw")]
+        rs_cols = [e for e in elems if is_rs(e)]
         ratios = rs_cols if "c" in elems else []
         print("| transport | bitrate | buffer | " + " | ".join(elems)
               + "".join(f" | {e}/C" for e in ratios) + " |")

@@ -188,8 +188,11 @@ fn parse_variant(s: &str) -> Result<Variant, String> {
             "variant name {name:?}: use letters, digits, '-', '_' or '.'"
         ));
     }
-    if Elem::from_str(name, true).is_ok() {
-        return Err(format!("variant name {name:?} is an element's name"));
+    // The plot tells the floors (raw, raw-...) from rs columns by name.
+    if Elem::from_str(name, true).is_ok() || name.starts_with("raw") {
+        return Err(format!(
+            "variant name {name:?} is an element's name or starts with raw"
+        ));
     }
     let props = props
         .split(',')

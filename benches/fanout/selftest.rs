@@ -190,6 +190,7 @@ fn option_problems() -> Vec<String> {
         "--rs-variant a:b",
         "--rs-variant rs:io-threads=1",
         "--rs-variant multifdsink:io-threads=1",
+        "--rs-variant raw-x:io-threads=1",
         "--rs-variant a,b:io-threads=1",
         "--rs-variant a:io-threads=1 --rs-variant a:io-threads=2",
         "--io-threads 1 --rs-variant rs-io1:io-threads=1",
