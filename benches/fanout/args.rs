@@ -2,11 +2,13 @@
 
 //! The orchestrator's options.
 
+use clap::error::ErrorKind;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-use crate::spec::{Elem, Transport};
+use crate::spec::{Elem, Transport, Variant};
 use crate::system::raise_fd_limit;
+use crate::targets;
 use crate::units::{parse_bitrate, parse_size};
 
 /// Fds a process needs besides the clients (stdio, epoll, GStreamer, ...).
@@ -26,6 +28,9 @@ pub enum Mode {
     /// each, units-max=200, 50 then 0 stalled, rs and C, medians of 3 (each of these
     /// can be changed by its option)
     Overload,
+    /// The targets of issue 10 side by side with C, medians of 3, each target met or
+    /// missed (see targets.rs: the cases are fixed; variants and --target choose)
+    Targets,
 }
 
 /// The overload scenario's buffers per second asked of every client.
@@ -66,6 +71,11 @@ pub struct Opts {
     #[arg(long, alias = "bitrates", value_delimiter = ',', default_value = "max,2M",
           value_parser = parse_bitrate)]
     pub bitrate: Vec<Option<u64>>,
+    /// Paced in buffers per second per client (of each --size), or max: instead of
+    /// --bitrate, e.g. --rate 250 for 4 KiB buffers is 8.192 Mbit/s
+    #[arg(long, alias = "rates", value_delimiter = ',', conflicts_with = "bitrate",
+          value_parser = parse_rate)]
+    pub rate: Vec<Option<f64>>,
     /// Measured seconds per run
     #[arg(long, default_value_t = 5.0, value_parser = parse_positive)]
     pub duration: f64,
@@ -107,7 +117,7 @@ pub struct Opts {
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub stalled: Vec<usize>,
     /// rsmultifdsink's io-threads; a list runs one rs variant each (rs-io1, rs-io2)
-    /// [default: the element's]
+    /// instead of rs [default: the element's]
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
     pub io_threads: Vec<u32>,
     /// units-max (buffers) for every element, instead of the one derived from
@@ -119,6 +129,14 @@ pub struct Opts {
     /// the benchmark before any run
     #[arg(long, alias = "prop", value_name = "NAME=VALUE", value_parser = parse_prop)]
     pub rs_prop: Vec<(String, String)>,
+    /// Runs rsmultifdsink once more as its own column NAME with these properties (set
+    /// after --rs-prop's), e.g. bt20:batch-time=20000000; repeatable. Checked like
+    /// --rs-prop. In --mode targets a variant named as a default one replaces it
+    #[arg(long, value_name = "NAME:PROP=VALUE[,...]", value_parser = parse_variant)]
+    pub rs_variant: Vec<Variant>,
+    /// --mode targets: only these targets (names as the mode lists them) [default: all]
+    #[arg(long, alias = "targets", value_delimiter = ',', value_name = "NAME")]
+    pub target: Vec<String>,
     /// Before each run, wait up to this many seconds for the machine to be idle
     /// (other processes under 10 % of the CPUs); every run records the CPU other
     /// processes used meanwhile (foreign%)
@@ -141,6 +159,46 @@ fn parse_prop(s: &str) -> Result<(String, String), String> {
         }
         _ => Err(format!("{s:?} is not NAME=VALUE (without spaces)")),
     }
+}
+
+/// Buffers per second, or max (unpaced).
+fn parse_rate(s: &str) -> Result<Option<f64>, String> {
+    if s == "max" {
+        return Ok(None);
+    }
+    match s.trim_end_matches("/s").parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Some(v)),
+        _ => Err(format!(
+            "{s:?} is not a positive number of buffers per second, or max"
+        )),
+    }
+}
+
+/// `NAME:PROP=VALUE[,PROP=VALUE...]`: a named rsmultifdsink variant.
+fn parse_variant(s: &str) -> Result<Variant, String> {
+    let (name, props) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:PROP=VALUE[,PROP=VALUE...]"))?;
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(format!(
+            "variant name {name:?}: use letters, digits, '-', '_' or '.'"
+        ));
+    }
+    // The plot tells the floors (raw, raw-...) from rs columns by name.
+    if Elem::from_str(name, true).is_ok() || name.starts_with("raw") {
+        return Err(format!(
+            "variant name {name:?} is an element's name or starts with raw"
+        ));
+    }
+    let props = props
+        .split(',')
+        .map(parse_prop)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Variant::rs(name, props))
 }
 
 fn parse_paced_bitrate(s: &str) -> Result<u64, String> {
@@ -198,7 +256,47 @@ impl Opts {
                 o.reps = 3;
             }
         }
+        let refuse = |msg: String| Err(Opts::command().error(ErrorKind::ArgumentConflict, msg));
+        if o.mode == Mode::Targets {
+            let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+            let fixed = [
+                "transport",
+                "clients",
+                "size",
+                "bitrate",
+                "rate",
+                "stalled",
+                "sustain_bitrates",
+            ];
+            if let Some(id) = fixed.iter().find(|id| given(id)) {
+                return refuse(format!(
+                    "--mode targets runs the fixed cases of issue 10: --{} is not used",
+                    id.replace('_', "-")
+                ));
+            }
+            if !given("reps") {
+                o.reps = 3;
+            }
+            if o.elements.is_empty() {
+                o.elements = vec![Elem::Rs, Elem::C];
+            }
+            if !o.elements.contains(&Elem::C) {
+                return refuse("--mode targets compares with C: --elements must include c".into());
+            }
+            if let Some(t) = o.target.iter().find(|t| !targets::is_target(t)) {
+                return refuse(format!(
+                    "no target {t:?}; the targets are {}",
+                    targets::names().join(", ")
+                ));
+            }
+            targets::add_default_variants(&mut o.rs_variant);
+        } else if !o.target.is_empty() {
+            return refuse("--target is for --mode targets".into());
+        }
         if o.mode == Mode::Raw {
+            if !o.rs_variant.is_empty() {
+                return refuse("--mode raw runs only the raw floor: no --rs-variant".into());
+            }
             o.elements = vec![Elem::Raw];
         } else if o.elements.is_empty() {
             o.elements = match o.mode {
@@ -206,7 +304,50 @@ impl Opts {
                 _ => vec![Elem::Rs, Elem::C, Elem::Raw],
             };
         }
+        let labels: Vec<String> = o.variants().into_iter().map(|v| v.label).collect();
+        if let Some(dup) = labels
+            .iter()
+            .enumerate()
+            .find_map(|(i, l)| labels[..i].contains(l).then_some(l))
+        {
+            return refuse(format!("two columns named {dup:?}"));
+        }
         o.sustain_max = o.sustain_max.min(client_limit()).max(1);
         Ok(o)
     }
+
+    /// The columns every case runs, in order: each element of --elements (rs once per
+    /// --io-threads value, as rs-io1, rs-io2, ... when given), then each --rs-variant.
+    pub fn variants(&self) -> Vec<Variant> {
+        let mut v = Vec::new();
+        for &elem in &self.elements {
+            if elem == Elem::Rs && !self.io_threads.is_empty() {
+                v.extend(self.io_threads.iter().map(|n| {
+                    let props = vec![("io-threads".to_string(), n.to_string())];
+                    Variant::rs(&format!("rs-io{n}"), props)
+                }));
+            } else {
+                v.push(Variant::plain(elem));
+            }
+        }
+        v.extend(self.rs_variant.iter().cloned());
+        v
+    }
+
+    /// The paced bitrates (None: unpaced) of the cases with buffers of `size`: --rate
+    /// in buffers per second when given, else --bitrate.
+    pub fn bitrates(&self, size: usize) -> Vec<Option<u64>> {
+        if self.rate.is_empty() {
+            return self.bitrate.clone();
+        }
+        self.rate
+            .iter()
+            .map(|r| r.map(|r| bitrate_of(r, size)))
+            .collect()
+    }
+}
+
+/// The bitrate of `rate` buffers of `size` bytes per second.
+pub fn bitrate_of(rate: f64, size: usize) -> u64 {
+    (rate * size as f64 * 8.0).round().max(1.0) as u64
 }

@@ -10,11 +10,11 @@ const HEADER: &str = "mode,transport,clients,size,bitrate,element,rep,status,dur
 pushed_bytes,delivered_bytes,delivered_ratio,push_rate_ratio,cpu_s,cpu_user_s,cpu_sys_s,\
 cpu_s_per_gb,kicked,lost,p50_ms,p99_ms,max_ms,peak_rss_mb,rss_per_client_kb,gbit_s,\
 drain_cpu_s,gaps,flushed,nvcsw,setup_s,loadavg,busy_before_pct,foreign_pct,push_p99_us,push_max_us,io_threads,units_max,rs_props,stalled,\
-stalled_removed,others_removed,kept,kept_exact,kept_gap_clients,kept_gaps";
+stalled_removed,others_removed,kept,kept_exact,kept_gap_clients,kept_gaps,rate";
 
 fn line(r: &Row) -> String {
     format!(
-        "{},{},{},{},{},{},{},{},{:.3},{},{},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.4},{:.4},{:.2},{:.3},{:.4},{:.4},{},{},{},{:.3},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{},{},{},{}",
+        "{},{},{},{},{},{},{},{},{:.3},{},{},{:.5},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.4},{:.4},{:.4},{:.2},{:.3},{:.4},{:.4},{},{},{},{:.3},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{},{},{},{},{},{},{},{},{}",
         r.mode,
         r.transport,
         r.clients,
@@ -59,7 +59,8 @@ fn line(r: &Row) -> String {
         r.kept,
         r.kept_exact,
         r.kept_gap_clients,
-        r.kept_gaps
+        r.kept_gaps,
+        r.rate.map_or(String::new(), |r| format!("{r:.3}"))
     )
 }
 

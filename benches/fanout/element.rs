@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use gst::prelude::*;
 
 use crate::os::SharedCounters;
-use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed};
+use crate::sink::{Measured, Meter, Next, Producer, Removed, wait_flushed_holding};
 use crate::spec::{Elem, FLAG_MEASURED, Spec, write_stamp};
 use crate::system::init_gstreamer;
+use crate::targets::BATCH_TIME;
 
 pub struct ElementRun {
     sink: gst::Element,
@@ -82,19 +83,15 @@ fn in_range(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> bool {
     changed == 0
 }
 
-/// The properties `--io-threads` and `--rs-prop` will set on rsmultifdsink, each
-/// checked on an element of this build, so a wrong one stops the benchmark before
-/// the first run.
-pub fn check_rs_props(io_threads: &[u32], props: &[(String, String)]) -> Result<(), String> {
+/// The properties one rs variant will set (`--rs-prop`'s, then its own), checked on
+/// an element of this build, so a wrong one stops the benchmark before the first run.
+pub fn check_rs_props(props: &[(String, String)]) -> Result<(), String> {
     init_gstreamer();
     let sink = gst::ElementFactory::make("rsmultifdsink")
         .build()
         .map_err(|e| format!("rsmultifdsink: {e}"))?;
-    let io = io_threads
-        .iter()
-        .map(|n| ("io-threads".to_string(), n.to_string()));
-    for (name, text) in io.chain(props.iter().cloned()) {
-        prop_value(&sink, &name, &text)?;
+    for (name, text) in props {
+        prop_value(&sink, name, text)?;
     }
     Ok(())
 }
@@ -114,10 +111,7 @@ impl ElementRun {
         sink.set_property_from_str("unit-format", "buffers");
         sink.set_property("units-max", spec.units_max);
         if elem == Elem::Rs {
-            let io = spec
-                .io_threads
-                .map(|n| ("io-threads".to_string(), n.to_string()));
-            for (name, text) in io.iter().chain(&spec.rs_props) {
+            for (name, text) in &spec.rs_props {
                 let value = prop_value(&sink, name, text).unwrap_or_else(|e| panic!("{e}"));
                 sink.set_property_from_value(name, &value);
             }
@@ -198,11 +192,12 @@ impl ElementRun {
             }
         }
         meter.end_window();
-        let flushed = wait_flushed(
+        let flushed = wait_flushed_holding(
             counters,
             p.seq,
             || self.alive(n) as u64,
             || std::thread::sleep(Duration::from_millis(2)),
+            batch_time(spec),
         );
         let m = meter.finish(
             &p,
@@ -248,6 +243,20 @@ impl ElementRun {
         }
         buf
     }
+}
+
+/// How long rs may hold a client's data back in this run (its batch-time; zero when
+/// not set or for C). The latency figures need nothing for it: each buffer's stamp is
+/// taken before `push`, so time held in the element is part of its latency.
+fn batch_time(spec: &Spec) -> Duration {
+    let ns = spec
+        .rs_props
+        .iter()
+        .rev()
+        .find(|(k, _)| k == BATCH_TIME)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_nanos(ns)
 }
 
 /// A src pad linked to the sink, the sink PLAYING and the stream's sticky events sent.

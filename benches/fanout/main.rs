@@ -11,6 +11,9 @@
 //! cargo bench --bench fanout -- --mode raw --clients 1000
 //! cargo bench --bench fanout -- --mode overload --rs-prop overload-policy=drop-buffers
 //! cargo bench --bench fanout -- --elements rs,c --io-threads 1,2 --stalled 50
+//! cargo bench --bench fanout -- --clients 1000 --rate 250 \
+//!     --rs-variant bt20:batch-time=20000000
+//! cargo bench --bench fanout -- --mode targets
 //! ```
 //!
 //! `--help` lists every option. `cargo bench` passes `--bench`; without it (as
@@ -31,7 +34,8 @@
 //!   buffers. The drain's CPU is not counted (it is reported in the CSV).
 //! * Both elements get the same settings: `sync=false`, `unit-format=buffers`,
 //!   `units-max` = max lag (paced) or a large bound (unpaced) or `--units-max`,
-//!   everything else default (rsmultifdsink: plus `--io-threads` and `--rs-prop`).
+//!   everything else default (rsmultifdsink: plus `--rs-prop`, then the column's own
+//!   properties: `--io-threads` and `--rs-variant` make named rs columns).
 //! * `--stalled N`: N clients never read; the sink process counts the stalled and the
 //!   other clients the element removes, and the drain checks that every other
 //!   client's stream is whole and gap-free up to the last buffer pushed.
@@ -51,6 +55,7 @@ mod report;
 mod selftest;
 mod sink;
 mod spec;
+mod targets;
 mod units;
 
 use args::Opts;
@@ -64,10 +69,7 @@ fn main() {
         _ if args.iter().any(|a| a == "--bench") => {
             let args: Vec<String> = args.into_iter().filter(|a| a != "--bench").collect();
             let o = Opts::parse(&args).unwrap_or_else(|e| e.exit());
-            let mut out = Output {
-                csv: csv::Csv::open(o.csv.as_deref()),
-                rows: Vec::new(),
-            };
+            let mut out = Output::new(csv::Csv::open(o.csv.as_deref()));
             orchestrate(&o, &mut out);
         }
         _ => selftest::main(),

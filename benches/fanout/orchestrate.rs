@@ -16,36 +16,21 @@ use crate::os::{children_cpu, usage_self};
 use crate::report::{Row, print_case, print_removals, progress, ratio};
 use crate::spec::{Elem, Spec, Transport, Variant, parse_kv};
 use crate::system::{init_gstreamer, raise_fd_limit};
-use crate::units::{fmt_bitrate, fmt_size};
+use crate::targets::{TARGETS, Verdict, run_targets};
+use crate::units::{fmt_bitrate, fmt_pace, fmt_size};
 
 /// One case: what every element runs in it.
-#[derive(Clone, Copy)]
-struct Case {
-    transport: Transport,
-    clients: usize,
-    size: usize,
-    bitrate: Option<u64>,
-    stalled: usize,
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Case {
+    pub transport: Transport,
+    pub clients: usize,
+    pub size: usize,
+    /// Bits per second per client; None: unpaced.
+    pub bitrate: Option<u64>,
+    pub stalled: usize,
 }
 
-/// The elements to run, rs once per `--io-threads` value.
-fn variants(o: &Opts) -> Vec<Variant> {
-    o.elements
-        .iter()
-        .flat_map(|&elem| {
-            let io: Vec<Option<u32>> = match elem {
-                Elem::Rs if !o.io_threads.is_empty() => {
-                    o.io_threads.iter().map(|&n| Some(n)).collect()
-                }
-                _ => vec![None],
-            };
-            io.into_iter()
-                .map(move |io_threads| Variant { elem, io_threads })
-        })
-        .collect()
-}
-
-fn make_spec(o: &Opts, v: Variant, case: Case) -> Spec {
+pub fn make_spec(o: &Opts, v: &Variant, case: Case) -> Spec {
     let Case {
         transport: t,
         clients,
@@ -75,11 +60,38 @@ fn make_spec(o: &Opts, v: Variant, case: Case) -> Spec {
         window,
         deadline: setup + o.warmup + o.duration + 40.0,
         stalled,
-        io_threads: v.io_threads,
+        label: v.label.clone(),
         rs_props: match v.elem {
-            Elem::Rs => o.rs_prop.clone(),
+            Elem::Rs => rs_props(o, v),
             _ => Vec::new(),
         },
+    }
+}
+
+/// What rsmultifdsink gets in variant `v`: `--rs-prop`'s properties, each replaced by
+/// the variant's value where it sets the same one, then the variant's others.
+fn rs_props(o: &Opts, v: &Variant) -> Vec<(String, String)> {
+    let mut props: Vec<(String, String)> = o
+        .rs_prop
+        .iter()
+        .filter(|(k, _)| v.prop(k).is_none())
+        .cloned()
+        .collect();
+    for (k, val) in &v.props {
+        props.retain(|(x, _)| x != k);
+        props.push((k.clone(), val.clone()));
+    }
+    props
+}
+
+/// Checks every rs column's properties on the element; exits with the reason if one
+/// is wrong.
+pub fn check_variants(o: &Opts, variants: &[Variant]) {
+    for v in variants.iter().filter(|v| v.elem == Elem::Rs) {
+        if let Err(e) = check_rs_props(&rs_props(o, v)) {
+            eprintln!("fanout-bench: {}: {e}", v.label);
+            std::process::exit(2);
+        }
     }
 }
 
@@ -212,13 +224,23 @@ fn run_row(o: &Opts, spec: &Spec, mode: &str, rep: usize, out: &mut Output) -> R
     row
 }
 
-/// Where the rows go: the CSV file, and the list the self-test checks.
+/// Where the rows go: the CSV file, and the lists the self-test checks.
 pub struct Output {
     pub csv: Csv,
     pub rows: Vec<Row>,
+    /// `--mode targets`: every target's verdict for every column it concerns.
+    pub verdicts: Vec<Verdict>,
 }
 
 impl Output {
+    pub fn new(csv: Csv) -> Output {
+        Output {
+            csv,
+            rows: Vec::new(),
+            verdicts: Vec::new(),
+        }
+    }
+
     fn record(&mut self, row: &Row) {
         self.csv.row(row);
         self.rows.push(row.clone());
@@ -235,7 +257,7 @@ fn run_matrix(o: &Opts, out: &mut Output) {
     };
     for &transport in &o.transport {
         for &size in &o.size {
-            for &bitrate in &o.bitrate {
+            for bitrate in o.bitrates(size) {
                 for &clients in &o.clients {
                     if clients > limit {
                         println!(
@@ -260,7 +282,7 @@ fn run_matrix(o: &Opts, out: &mut Output) {
                             bitrate,
                             stalled,
                         };
-                        run_case(o, mode, case, out);
+                        run_case(o, mode, case, &o.variants(), out);
                     }
                 }
             }
@@ -268,22 +290,28 @@ fn run_matrix(o: &Opts, out: &mut Output) {
     }
 }
 
-fn run_case(o: &Opts, mode: &str, case: Case, out: &mut Output) {
-    let variants = variants(o);
-    let mut by_elem: Vec<(String, Vec<Row>)> =
-        variants.iter().map(|v| (v.label(), Vec::new())).collect();
+/// Runs every column of `variants` in one case, `--reps` times, prints the case's
+/// table and returns each column's rows.
+pub fn run_case(
+    o: &Opts,
+    mode: &str,
+    case: Case,
+    variants: &[Variant],
+    out: &mut Output,
+) -> Vec<(Variant, Vec<Row>)> {
+    let mut by_elem: Vec<(Variant, Vec<Row>)> =
+        variants.iter().map(|v| (v.clone(), Vec::new())).collect();
     for rep in 0..o.reps {
         // Alternate the order so no element always runs on a warm cache.
-        let mut order: Vec<(usize, Variant)> = variants.iter().copied().enumerate().collect();
-        let k = rep % order.len();
-        order.rotate_left(k);
-        for (i, v) in order {
-            let spec = make_spec(o, v, case);
+        let mut order: Vec<usize> = (0..variants.len()).collect();
+        order.rotate_left(rep % variants.len());
+        for i in order {
+            let spec = make_spec(o, &variants[i], case);
             let row = run_row(o, &spec, mode, rep, out);
             by_elem[i].1.push(row);
         }
     }
-    let spec = make_spec(o, variants[0], case);
+    let spec = make_spec(o, &variants[0], case);
     let window = match case.bitrate {
         None => format!(", window {} per client", fmt_size(spec.window as usize)),
         Some(_) => String::new(),
@@ -292,24 +320,28 @@ fn run_case(o: &Opts, mode: &str, case: Case, out: &mut Output) {
         0 => String::new(),
         n => format!(", {n} stalled"),
     };
-    let props = match o.rs_prop.is_empty() {
+    let props: Vec<String> = by_elem
+        .iter()
+        .filter(|(v, _)| v.elem == Elem::Rs)
+        .filter_map(|(v, _)| {
+            let props = make_spec(o, v, case).rs_props;
+            (!props.is_empty()).then(|| {
+                let p: Vec<String> = props.iter().map(|(k, x)| format!("{k}={x}")).collect();
+                format!("{}: {}", v.label, p.join(" "))
+            })
+        })
+        .collect();
+    let props = match props.is_empty() {
         true => String::new(),
-        false => format!(
-            ", rs: {}",
-            spec.rs_props
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
+        false => format!("; {}", props.join("; ")),
     };
     print_case(
         &format!(
-            "{} clients={} size={} bitrate={}/client (units-max={} buffers{window}{stalled}{props})",
+            "{} clients={} size={} stream={} per client (units-max={} buffers{window}{stalled}{props})",
             case.transport.name(),
             case.clients,
             fmt_size(case.size),
-            fmt_bitrate(case.bitrate),
+            fmt_pace(case.bitrate, case.size),
             spec.units_max,
         ),
         &by_elem,
@@ -324,21 +356,22 @@ fn run_case(o: &Opts, mode: &str, case: Case, out: &mut Output) {
             o.mode == Mode::Overload,
         );
     }
+    by_elem
 }
 
 /// One cell of the sustain table: the highest client count sustained, and whether
 /// the search stopped at --sustain-max instead of a failure.
-struct Sustained {
-    transport: Transport,
-    bitrate: u64,
-    variant: Variant,
-    clients: usize,
-    capped: bool,
+pub struct Sustained {
+    pub transport: Transport,
+    pub bitrate: u64,
+    pub variant: Variant,
+    pub clients: usize,
+    pub capped: bool,
 }
 
 /// Doubles the client count from --sustain-start until a run is not sustained, then
-/// bisects.
-fn search(o: &Opts, t: Transport, bitrate: u64, v: Variant, out: &mut Output) -> Sustained {
+/// bisects; records the result as a CSV row of its own.
+pub fn search(o: &Opts, t: Transport, bitrate: u64, v: &Variant, out: &mut Output) -> Sustained {
     let (mut lo, mut hi): (usize, Option<usize>) = (0, None);
     let mut n = o.sustain_start.min(o.sustain_max).max(1);
     for _trial in 0..20 {
@@ -374,48 +407,72 @@ fn search(o: &Opts, t: Transport, bitrate: u64, v: Variant, out: &mut Output) ->
             }
         };
     }
-    Sustained {
+    let s = Sustained {
         transport: t,
         bitrate,
-        variant: v,
+        variant: v.clone(),
         clients: lo,
         capped: hi.is_none(),
-    }
+    };
+    let spec = make_spec(
+        o,
+        v,
+        Case {
+            transport: t,
+            clients: lo,
+            size: o.size[0],
+            bitrate: Some(bitrate),
+            stalled: 0,
+        },
+    );
+    out.csv.row(&Row {
+        mode: "sustain".into(),
+        transport: t.name().into(),
+        clients: s.clients,
+        size: o.size[0],
+        bitrate: fmt_bitrate(Some(bitrate)),
+        rate: spec.rate(),
+        elem: v.label.clone(),
+        status: if s.capped { "capped" } else { "ok" }.into(),
+        duration_s: o.duration,
+        rs_props: spec
+            .rs_props
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(";"),
+        ..Row::default()
+    });
+    eprintln!(
+        "  => {} {} {}: {}{} clients sustained",
+        t.name(),
+        fmt_bitrate(Some(bitrate)),
+        v.label,
+        if s.capped { ">= " } else { "" },
+        s.clients
+    );
+    s
 }
 
 fn run_sustain(o: &Opts, out: &mut Output) {
     let mut results = Vec::new();
+    let variants = o.variants();
     for &t in &o.transport {
         for &bitrate in &o.sustain_bitrates {
-            for v in variants(o) {
-                let s = search(o, t, bitrate, v, out);
-                out.csv.row(&Row {
-                    mode: "sustain".into(),
-                    transport: t.name().into(),
-                    clients: s.clients,
-                    size: o.size[0],
-                    bitrate: fmt_bitrate(Some(bitrate)),
-                    elem: v.label(),
-                    status: if s.capped { "capped" } else { "ok" }.into(),
-                    duration_s: o.duration,
-                    ..Row::default()
-                });
-                eprintln!(
-                    "  => {} {} {}: {}{} clients sustained",
-                    t.name(),
-                    fmt_bitrate(Some(bitrate)),
-                    v.label(),
-                    if s.capped { ">= " } else { "" },
-                    s.clients
-                );
-                results.push(s);
+            for v in &variants {
+                results.push(search(o, t, bitrate, v, out));
             }
         }
     }
-    print_sustain_table(o, &results);
+    print_sustain_table(o, &variants, &results);
 }
 
-fn print_sustain_table(o: &Opts, results: &[Sustained]) {
+/// The sustain table's cell: the count, with ">=" when the search hit the bound.
+pub fn sustained_cell(s: &Sustained) -> String {
+    format!("{}{}", if s.capped { ">=" } else { "" }, s.clients)
+}
+
+fn print_sustain_table(o: &Opts, variants: &[Variant], results: &[Sustained]) {
     println!();
     println!(
         "Highest client count sustained without a kick ({} buffers, units-max = {} s of stream, {} s runs; \
@@ -424,40 +481,30 @@ fn print_sustain_table(o: &Opts, results: &[Sustained]) {
         o.max_lag,
         o.duration
     );
-    let variants = variants(o);
-    let rs: Vec<Variant> = variants
-        .iter()
-        .copied()
-        .filter(|v| v.elem == Elem::Rs)
-        .collect();
-    let has_c = o.elements.contains(&Elem::C);
+    let rs: Vec<&Variant> = variants.iter().filter(|v| v.elem == Elem::Rs).collect();
+    let has_c = variants.iter().any(|v| v.elem == Elem::C);
     print!("  {:<6} {:>9}", "", "bitrate");
-    for v in &variants {
-        print!(" {:>9}", v.label());
+    for v in variants {
+        print!(" {:>9}", v.label);
     }
     for v in rs.iter().filter(|_| has_c) {
-        print!(" {:>9}", format!("{}/C", v.label()));
+        print!(" {:>9}", format!("{}/C", v.label));
     }
     println!();
     for &t in &o.transport {
         for &b in &o.sustain_bitrates {
             print!("  {:<6} {:>9}", t.name(), fmt_bitrate(Some(b)));
-            let get = |v: Variant| {
+            let get = |v: &Variant| {
                 results
                     .iter()
-                    .find(|r| r.transport == t && r.bitrate == b && r.variant == v)
+                    .find(|r| r.transport == t && r.bitrate == b && r.variant == *v)
             };
-            for &v in &variants {
-                let r = get(v).unwrap();
-                let at_least = if r.capped { ">=" } else { "" };
-                print!(" {:>9}", format!("{at_least}{}", r.clients));
+            for v in variants {
+                print!(" {:>9}", sustained_cell(get(v).unwrap()));
             }
-            let c = Variant {
-                elem: Elem::C,
-                io_threads: None,
-            };
-            for &v in rs.iter().filter(|_| has_c) {
-                if let (Some(a), Some(c)) = (get(v), get(c)) {
+            let c = Variant::plain(Elem::C);
+            for v in rs.iter().filter(|_| has_c) {
+                if let (Some(a), Some(c)) = (get(v), get(&c)) {
                     print!(" {:>9}", ratio(a.clients as f64, c.clients as f64));
                 }
             }
@@ -470,12 +517,7 @@ fn print_sustain_table(o: &Opts, results: &[Sustained]) {
 pub fn orchestrate(o: &Opts, out: &mut Output) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     init_gstreamer();
-    if o.elements.contains(&Elem::Rs)
-        && let Err(e) = check_rs_props(&o.io_threads, &o.rs_prop)
-    {
-        eprintln!("fanout-bench: {e}");
-        std::process::exit(2);
-    }
+    check_variants(o, &o.variants());
     println!("fanout-bench: rsmultifdsink vs multifdsink, loopback only");
     println!(
         "  machine: {} CPUs, Linux {}, {}, fd limit {}, load {:.2}",
@@ -491,7 +533,9 @@ pub fn orchestrate(o: &Opts, out: &mut Output) {
          drain process received everything, per GB received. Latency = drain receive time - stamp taken\n  \
          just before pad.push. Same settings for both: sync=false unit-format=buffers units-max=<below>."
     );
-    if o.mode != Mode::Sustain {
+    if o.mode == Mode::Targets {
+        run_targets(o, &TARGETS, out);
+    } else if o.mode != Mode::Sustain {
         run_matrix(o, out);
     }
     if o.mode == Mode::Sustain || o.mode == Mode::All {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::orchestrate::Noise;
-use crate::spec::Spec;
-use crate::units::{fmt_bitrate, fmt_size};
+use crate::spec::{Elem, Spec, Variant};
+use crate::units::{fmt_bitrate, fmt_rate, fmt_size};
 
 /// One finished run, with the derived figures.
 #[derive(Debug, Clone, Default)]
@@ -17,6 +17,8 @@ pub struct Row {
     pub clients: usize,
     pub size: usize,
     pub bitrate: String,
+    /// Paced: buffers per second per client.
+    pub rate: Option<f64>,
     pub elem: String,
     pub rep: usize,
     pub status: String,
@@ -49,9 +51,11 @@ pub struct Row {
     pub loadavg: f64,
     pub busy_before_pct: f64,
     pub foreign_pct: f64,
+    /// rsmultifdsink's io-threads as the run set it (0: the default).
     pub io_threads: u32,
     pub units_max: i64,
-    /// `--rs-prop` settings, `name=value;name=value`.
+    /// The rs properties of the run (`--rs-prop`, then the variant's),
+    /// `name=value;name=value`.
     pub rs_props: String,
     pub stalled: usize,
     pub stalled_removed: u64,
@@ -101,7 +105,8 @@ impl Row {
             clients: spec.clients,
             size: spec.size,
             bitrate: fmt_bitrate(spec.bitrate),
-            elem: spec.label(),
+            rate: spec.rate(),
+            elem: spec.label.clone(),
             rep,
             status: status(r),
             duration_s: duration,
@@ -144,7 +149,13 @@ impl Row {
             loadavg: noise.load,
             busy_before_pct: noise.busy_before * 100.0,
             foreign_pct: noise.foreign_pct,
-            io_threads: spec.io_threads.unwrap_or(0),
+            io_threads: spec
+                .rs_props
+                .iter()
+                .rev()
+                .find(|(k, _)| k == "io-threads")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0),
             units_max: spec.units_max,
             rs_props: spec
                 .rs_props
@@ -159,6 +170,14 @@ impl Row {
             kept_exact: u("d_complete").saturating_sub(u("d_complete_gap_clients")),
             kept_gap_clients: u("d_complete_gap_clients"),
             kept_gaps: u("d_complete_gaps"),
+        }
+    }
+
+    /// The stream as the tables show it: `8192k, 250/s` or `max`.
+    pub fn pace(&self) -> String {
+        match self.rate {
+            Some(r) => format!("{}, {}/s", self.bitrate, fmt_rate(r)),
+            None => self.bitrate.clone(),
         }
     }
 
@@ -284,7 +303,7 @@ fn table_line(label: &str, cells: &[String], tail: &str) {
 
 /// The table of one case: each element's medians, then rs (each variant) against C
 /// and raw.
-pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpaced: bool) {
+pub fn print_case(title: &str, by_elem: &[(Variant, Vec<Row>)], reps: usize, unpaced: bool) {
     println!();
     println!("{title}  (median of {reps})");
     if unpaced {
@@ -295,18 +314,15 @@ pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpa
     }
     let header: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
     table_line("element", &header, "");
-    let meds: Vec<(&str, Med)> = by_elem
-        .iter()
-        .map(|(e, rows)| (e.as_str(), medians(rows)))
-        .collect();
-    for (e, m) in &meds {
-        table_line(e, &m.cells(), &m.status);
+    let meds: Vec<(&Variant, Med)> = by_elem.iter().map(|(v, rows)| (v, medians(rows))).collect();
+    for (v, m) in &meds {
+        table_line(&v.label, &m.cells(), &m.status);
     }
-    let get = |e: &str| meds.iter().find(|(x, _)| *x == e).map(|(_, m)| m);
-    for (rs, a) in meds.iter().filter(|(e, _)| e.starts_with("rs")) {
-        for (other, name) in [("c", "C"), ("raw", "raw")] {
+    let get = |e: Elem| meds.iter().find(|(v, _)| v.elem == e).map(|(_, m)| m);
+    for (rs, a) in meds.iter().filter(|(v, _)| v.elem == Elem::Rs) {
+        for (other, name) in [(Elem::C, "C"), (Elem::Raw, "raw")] {
             if let Some(b) = get(other) {
-                table_line(&format!("{rs}/{name}"), &a.ratios(b), "");
+                table_line(&format!("{}/{name}", rs.label), &a.ratios(b), "");
             }
         }
     }
@@ -327,7 +343,7 @@ pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpa
 /// exact and gap-free in every repetition. With `targets`, the overload targets of
 /// issue 9 against these figures.
 pub fn print_removals(
-    by_elem: &[(String, Vec<Row>)],
+    by_elem: &[(Variant, Vec<Row>)],
     clients: usize,
     stalled: usize,
     targets: bool,
@@ -353,10 +369,17 @@ pub fn print_removals(
     let gbit = |e: &str| {
         by_elem
             .iter()
-            .find(|(x, _)| x == e)
+            .find(|(v, _)| v.label == e)
             .map(|(_, rows)| m(rows, |r| r.gbit_s))
     };
-    for (e, rows) in by_elem {
+    let rs_columns = || {
+        by_elem
+            .iter()
+            .filter(|(v, _)| v.elem == Elem::Rs)
+            .map(|(v, rows)| (v.label.as_str(), rows))
+    };
+    for (v, rows) in by_elem {
+        let e = &v.label;
         let exact = rows.iter().filter(|r| r.kept_exact_ok()).count();
         println!(
             "  {:<10} {:>10} {:>10} {:>7.1}% {:>10} {:>9} {:>9} {:>7.2} {:>8.1}%",
@@ -372,7 +395,7 @@ pub fn print_removals(
         );
     }
     let c = gbit("c");
-    for (e, _) in by_elem.iter().filter(|(e, _)| e.starts_with("rs")) {
+    for (e, _) in rs_columns() {
         if let (Some(a), Some(c)) = (gbit(e), c) {
             println!("  {e}/C delivered throughput: {}", ratio(a, c));
         }
@@ -382,7 +405,7 @@ pub fn print_removals(
     }
     // Issue 9's targets, for every rs variant: all stalled removed and at most 1 % of
     // the others (none when nobody stalls), exact kept streams, 1.5x C's throughput.
-    for (e, rows) in by_elem.iter().filter(|(e, _)| e.starts_with("rs")) {
+    for (e, rows) in rs_columns() {
         let yes = |ok: bool| if ok { "met" } else { "NOT met" };
         let worst_others = rows.iter().map(|r| r.others_removed).max().unwrap_or(0);
         let all_stalled = rows.iter().all(|r| r.stalled_removed == stalled as u64);
@@ -434,7 +457,7 @@ pub fn progress(r: &Row) {
         r.transport,
         r.clients,
         fmt_size(r.size),
-        r.bitrate,
+        r.pace(),
         r.rep,
         r.elem,
         r.cpu_s_per_gb,

@@ -193,6 +193,10 @@ impl Producer {
     }
 }
 
+/// How long the drain may receive nothing before the wait for the last buffers gives
+/// up, for a sink that sends at once.
+const QUIET: Duration = Duration::from_millis(750);
+
 /// Waits until every live client that reads has received the last of the `pushed`
 /// buffers (streams arrive in order, so it has every measured buffer the sink sent
 /// it), or nothing moved for a while. Returns whether everything arrived.
@@ -200,10 +204,23 @@ pub fn wait_flushed(
     counters: &SharedCounters,
     pushed: u64,
     readers: impl Fn() -> u64,
+    step: impl FnMut(),
+) -> bool {
+    wait_flushed_holding(counters, pushed, readers, step, Duration::ZERO)
+}
+
+/// `wait_flushed` for a sink that may hold data back for up to `hold` (rs's write
+/// batching): the last buffers may arrive that much later.
+pub fn wait_flushed_holding(
+    counters: &SharedCounters,
+    pushed: u64,
+    readers: impl Fn() -> u64,
     mut step: impl FnMut(),
+    hold: Duration,
 ) -> bool {
     counters.get(C_PUSHED).store(pushed, Ordering::Release);
-    let limit = Instant::now() + Duration::from_secs(15);
+    let quiet = QUIET + 2 * hold;
+    let limit = Instant::now() + Duration::from_secs(15) + quiet;
     let mut last = counters.get(C_BYTES).load(Ordering::Acquire);
     let mut last_change = Instant::now();
     loop {
@@ -216,7 +233,7 @@ pub fn wait_flushed(
             last = bytes;
             last_change = now;
         }
-        if now > limit || now - last_change > Duration::from_millis(750) {
+        if now > limit || now - last_change > quiet {
             return false;
         }
         step();

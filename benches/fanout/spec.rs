@@ -34,20 +34,43 @@ impl Elem {
     }
 }
 
-/// An element with the IO threads it runs with (rs only; None: the default).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One column of the tables: an element, and for rsmultifdsink a named set of
+/// properties (`--rs-variant NAME:...`, `--io-threads` as `rs-io1`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Variant {
     pub elem: Elem,
-    pub io_threads: Option<u32>,
+    /// The column's name: the element's (`rs`, `c`, `raw`) or the variant's.
+    pub label: String,
+    /// rsmultifdsink properties of this variant, set after `--rs-prop`'s.
+    pub props: Vec<(String, String)>,
 }
 
 impl Variant {
-    /// As the tables name it: `rs-io2` when `--io-threads` chose the IO threads.
-    pub fn label(self) -> String {
-        match (self.elem, self.io_threads) {
-            (Elem::Rs, Some(n)) => format!("rs-io{n}"),
-            (e, _) => e.name().to_string(),
+    /// The element as it is, named after it.
+    pub fn plain(elem: Elem) -> Variant {
+        Variant {
+            elem,
+            label: elem.name().to_string(),
+            props: Vec::new(),
         }
+    }
+
+    /// rsmultifdsink named `label`, with `props`.
+    pub fn rs(label: &str, props: Vec<(String, String)>) -> Variant {
+        Variant {
+            elem: Elem::Rs,
+            label: label.to_string(),
+            props,
+        }
+    }
+
+    /// The value this variant gives a property, if it sets it.
+    pub fn prop(&self, name: &str) -> Option<&str> {
+        self.props
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -88,9 +111,10 @@ pub struct Spec {
     pub deadline: f64,
     /// Clients whose reader never reads (see `is_stalled`).
     pub stalled: usize,
-    /// rsmultifdsink's `io-threads`; None leaves the element's default.
-    pub io_threads: Option<u32>,
-    /// More rsmultifdsink properties (`--rs-prop`), set after the common ones.
+    /// The column this run belongs to (`rs`, `c`, `raw` or an rs variant's name).
+    pub label: String,
+    /// rsmultifdsink properties (`--rs-prop`, then the variant's), set in this order
+    /// after the common ones.
     pub rs_props: Vec<(String, String)>,
 }
 
@@ -108,7 +132,7 @@ impl Spec {
             format!("window={}", self.window),
             format!("deadline={}", self.deadline),
             format!("stalled={}", self.stalled),
-            format!("io_threads={}", self.io_threads.unwrap_or(0)),
+            format!("label={}", self.label),
         ]
         .into_iter()
         .chain(
@@ -134,25 +158,25 @@ impl Spec {
             window: get("window").parse().unwrap(),
             deadline: get("deadline").parse().unwrap(),
             stalled: get("stalled").parse().unwrap(),
-            io_threads: Some(get("io_threads").parse::<u32>().unwrap()).filter(|&n| n > 0),
-            rs_props: kv
+            label: get("label").to_string(),
+            rs_props: args
                 .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(RS_PROP)?.to_string(), v.clone())))
+                .filter_map(|a| {
+                    let (k, v) = a.strip_prefix(RS_PROP)?.split_once('=')?;
+                    Some((k.to_string(), v.to_string()))
+                })
                 .collect(),
         }
-    }
-
-    pub fn label(&self) -> String {
-        Variant {
-            elem: self.elem,
-            io_threads: self.io_threads,
-        }
-        .label()
     }
 
     /// Seconds between two buffers when paced.
     pub fn interval(&self) -> Option<f64> {
         self.bitrate.map(|b| self.size as f64 * 8.0 / b as f64)
+    }
+
+    /// Buffers per second per client when paced.
+    pub fn rate(&self) -> Option<f64> {
+        self.interval().map(|i| 1.0 / i)
     }
 }
 

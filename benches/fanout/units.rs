@@ -39,6 +39,9 @@ pub fn fmt_bitrate(b: Option<u64>) -> String {
         None => "max".into(),
         Some(b) if b >= 1_000_000 && b % 1_000_000 == 0 => format!("{}M", b / 1_000_000),
         Some(b) if b >= 1_000 && b % 1_000 == 0 => format!("{}k", b / 1_000),
+        // Paced by --rate: 3.2768M (the shortest exact decimal).
+        Some(b) if b >= 1_000_000 => format!("{}M", b as f64 / 1e6),
+        Some(b) if b >= 1_000 => format!("{}k", b as f64 / 1e3),
         Some(b) => format!("{b}"),
     }
 }
@@ -48,5 +51,23 @@ pub fn fmt_size(s: usize) -> String {
         format!("{}KiB", s / 1024)
     } else {
         format!("{s}B")
+    }
+}
+
+/// Buffers per second as the tables show them: `250`, `8`, `30.52`.
+pub fn fmt_rate(rate: f64) -> String {
+    format!("{}", (rate * 100.0).round() / 100.0)
+}
+
+/// A paced stream as the tables show it: the bitrate and the buffers per second of
+/// `size` bytes (`8192k, 250/s`); `max` unpaced.
+pub fn fmt_pace(b: Option<u64>, size: usize) -> String {
+    match b {
+        None => "max".into(),
+        Some(bits) => format!(
+            "{}, {}/s",
+            fmt_bitrate(b),
+            fmt_rate(bits as f64 / 8.0 / size as f64)
+        ),
     }
 }
