@@ -8,6 +8,7 @@ pub mod http;
 pub mod multifdsink;
 pub mod multihandlesink;
 pub mod multisocketsink;
+pub mod proxy_protocol;
 mod server;
 pub mod tcpserversink;
 
