@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod http;
+pub mod jwt;
 pub mod multifdsink;
 pub mod multihandlesink;
 pub mod multisocketsink;
