@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod http;
 pub mod jwt;
+pub mod metrics;
 pub mod multifdsink;
 pub mod multihandlesink;
 pub mod multisocketsink;
