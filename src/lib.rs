@@ -3,6 +3,7 @@
 //! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`;
 //! `rsmultisocketsink`, a drop-in `multisocketsink`; `rstcpserversink`.
 
+pub mod access_log;
 pub mod engine;
 pub mod http;
 pub mod jwt;
