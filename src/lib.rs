@@ -3,11 +3,15 @@
 //! Fan-out sinks for GStreamer: `rsmultifdsink`, a drop-in `multifdsink`;
 //! `rsmultisocketsink`, a drop-in `multisocketsink`; `rstcpserversink`.
 
+pub mod access_log;
 pub mod engine;
 pub mod http;
+pub mod jwt;
+pub mod metrics;
 pub mod multifdsink;
 pub mod multihandlesink;
 pub mod multisocketsink;
+pub mod proxy_protocol;
 mod server;
 pub mod tcpserversink;
 
