@@ -148,6 +148,35 @@ fn buffers_arriving_within_the_batch_time_go_out_in_one_call() {
 }
 
 #[test]
+fn a_steady_stream_is_written_once_per_period() {
+    // A buffer every 5 ms for a second, a 100 ms batch time: about ten calls. The
+    // queue is trimmed meanwhile, so batches a client left long ago end too: they
+    // must not cut its current batch short.
+    let period = Duration::from_millis(100);
+    let f = Fixture::new(batched(period));
+    let (mine, peer) = pair(SockType::SeqPacket);
+    f.add(mine.as_raw_fd());
+    let start = Instant::now();
+    let mut pushed = 0usize;
+    while start.elapsed() < Duration::from_secs(1) {
+        f.push(buffer(pushed as u8, 16));
+        pushed += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let elapsed = start.elapsed();
+    f.engine.end_batches();
+    let reads = read_until(&peer, pushed * 16, PROMPT);
+    let want: Vec<u8> = (0..pushed).flat_map(|i| buffer(i as u8, 16)).collect();
+    assert_eq!(concat(&reads), want);
+    let most = (elapsed.as_millis() / period.as_millis()) as usize + 3;
+    assert!(
+        reads.len() <= most,
+        "{} calls for {pushed} buffers in {elapsed:?} (at most {most})",
+        reads.len()
+    );
+}
+
+#[test]
 fn a_new_client_is_not_delayed_and_the_end_of_stream_flushes_at_once() {
     let f = Fixture::new(batched(LONG_BATCH));
     f.engine

@@ -29,9 +29,9 @@ pub(super) const BATCH_FLUSH_BYTES: u64 = 64 << 10;
 /// removed): the caller checks the client's phase and due time.
 pub(super) struct Batches {
     due: BinaryHeap<Reverse<(Instant, ClientId)>>,
-    /// Clients that started waiting at the same buffer, oldest first: their
-    /// pending bytes are the queue's bytes from that buffer.
-    groups: VecDeque<(u64, Vec<ClientId>)>,
+    /// Clients that started waiting at the same buffer, oldest first, with their
+    /// due times: their pending bytes are the queue's bytes from that buffer.
+    groups: VecDeque<(u64, Vec<(Instant, ClientId)>)>,
     /// Slot times count from here.
     epoch: Instant,
 }
@@ -63,10 +63,10 @@ impl Batches {
         if clients.is_empty() {
             return;
         }
-        self.due
-            .extend(clients.iter().map(|&(id, due)| Reverse((due, id))));
-        self.groups
-            .push_back((seq, clients.into_iter().map(|(id, _)| id).collect()));
+        let entries: Vec<(Instant, ClientId)> =
+            clients.iter().map(|&(id, due)| (due, id)).collect();
+        self.due.extend(entries.iter().copied().map(Reverse));
+        self.groups.push_back((seq, entries));
     }
 
     /// The earliest due time, possibly of a stale entry (an early wake-up at worst).
@@ -88,8 +88,10 @@ impl Batches {
     }
 
     /// Takes the groups whose pending bytes reached `BATCH_FLUSH_BYTES` (and those
-    /// whose buffer left the queue: nobody waits there any more).
-    pub(super) fn take_full_groups(&mut self, queue: &BufferQueue) -> Vec<ClientId> {
+    /// whose buffer left the queue: nobody waits there any more), as (due, client).
+    /// A client that left its group and waits again since is in a newer group too:
+    /// the due time tells which entry is its current one.
+    pub(super) fn take_full_groups(&mut self, queue: &BufferQueue) -> Vec<(Instant, ClientId)> {
         let mut out = Vec::new();
         while let Some((seq, _)) = self.groups.front() {
             if *seq >= queue.first_seq() && queue.bytes_from(*seq) < BATCH_FLUSH_BYTES {
@@ -103,7 +105,10 @@ impl Batches {
     /// Takes every waiting client (EOS, batching turned off, the element stops).
     pub(super) fn take_all(&mut self) -> Vec<ClientId> {
         self.due.clear();
-        self.groups.drain(..).flat_map(|(_, ids)| ids).collect()
+        self.groups
+            .drain(..)
+            .flat_map(|(_, entries)| entries.into_iter().map(|(_, id)| id))
+            .collect()
     }
 }
 
@@ -171,8 +176,8 @@ mod tests {
         assert!(b.take_full_groups(&q).is_empty());
         q.push(Chunk::from_vec(vec![0; 4 << 10], true, false, None), None);
         // 64 KiB from the first group's buffer, 24 KiB from the second's.
-        assert_eq!(b.take_full_groups(&q), vec![1]);
+        assert_eq!(b.take_full_groups(&q), vec![(t, 1)]);
         q.push(Chunk::from_vec(vec![0; 40 << 10], true, false, None), None);
-        assert_eq!(b.take_full_groups(&q), vec![2]);
+        assert_eq!(b.take_full_groups(&q), vec![(t, 2)]);
     }
 }

@@ -148,9 +148,8 @@ impl WorkerState {
             }
         }
         self.batches.add_group(seq, waiting);
-        for id in self.batches.take_full_groups(&self.queue) {
-            self.end_batch(id);
-        }
+        let full = self.batches.take_full_groups(&self.queue);
+        self.end_batches_of(full);
         self.place_joining(seq);
         self.enforce_limits()
     }
@@ -182,7 +181,15 @@ impl WorkerState {
 
     /// Moves the clients whose batch is due by `now` to the ready list.
     pub(super) fn end_due_batches(&mut self, now: Instant) {
-        for (due, id) in self.batches.take_due(now) {
+        let due = self.batches.take_due(now);
+        self.end_batches_of(due);
+    }
+
+    /// Ends these batches, taken from `Batches` as (due, client): only entries of a
+    /// client's current batch count (it may have left an older one early, been
+    /// written, and be waiting again).
+    fn end_batches_of(&mut self, entries: Vec<(Instant, ClientId)>) {
+        for (due, id) in entries {
             if self
                 .clients
                 .get(&id)
