@@ -193,6 +193,9 @@ pub struct Settings {
     pub default_placement: ClientConfig,
     /// What happens when the IO threads, not the clients, fall behind.
     pub overload_policy: OverloadPolicy,
+    /// Keep queued buffers in an append-only memfd and write clients with
+    /// `sendfile` from it (fds that refuse it are written with writev).
+    pub zero_copy: bool,
 }
 
 /// What the engine does when the IO threads cannot keep up with the stream: a
@@ -240,6 +243,7 @@ impl Default for Settings {
             qos_dscp: None,
             default_placement: ClientConfig::default(),
             overload_policy: OverloadPolicy::BackPressure,
+            zero_copy: false,
         }
     }
 }
@@ -249,6 +253,8 @@ impl Default for Settings {
 pub struct Counters {
     pub bytes_to_serve: u64,
     pub bytes_served: u64,
+    /// Of `bytes_served`, those written with `sendfile` (zero-copy).
+    pub bytes_served_zero_copy: u64,
     pub buffers_queued: u64,
     pub bytes_queued: u64,
     pub time_queued: u64,

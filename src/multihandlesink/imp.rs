@@ -45,6 +45,8 @@ const DEFAULT_IO_THREADS: u32 = 1;
 const MAX_IO_THREADS: u32 = 64;
 const DEFAULT_REQUEST_KEYFRAME: bool = false;
 const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
+/// Off until the benchmark shows where sendfile from the memfd pays.
+const DEFAULT_ZERO_COPY: bool = false;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
@@ -71,6 +73,7 @@ struct Settings {
     io_threads: u32,
     request_keyframe: bool,
     overload_policy: OverloadPolicy,
+    zero_copy: bool,
 }
 
 impl Default for Settings {
@@ -95,6 +98,7 @@ impl Default for Settings {
             io_threads: DEFAULT_IO_THREADS,
             request_keyframe: DEFAULT_REQUEST_KEYFRAME,
             overload_policy: DEFAULT_OVERLOAD_POLICY,
+            zero_copy: DEFAULT_ZERO_COPY,
         }
     }
 }
@@ -141,6 +145,7 @@ impl Settings {
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
             default_placement,
             overload_policy: self.overload_policy.into(),
+            zero_copy: self.zero_copy,
         }
     }
 
@@ -727,6 +732,11 @@ impl ObjectImpl for RsMultiHandleSink {
                     .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
                     .default_value(DEFAULT_REQUEST_KEYFRAME)
                     .build(),
+                glib::ParamSpecBoolean::builder("zero-copy")
+                    .nick("Zero copy")
+                    .blurb("Keep queued buffers in a memfd and send them with sendfile (sockets take the pages by reference); fds that refuse it get writev")
+                    .default_value(DEFAULT_ZERO_COPY)
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -777,6 +787,7 @@ impl ObjectImpl for RsMultiHandleSink {
             }
             "request-keyframe" => s.request_keyframe = value.get().unwrap(),
             "overload-policy" => s.overload_policy = value.get().unwrap(),
+            "zero-copy" => s.zero_copy = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -806,6 +817,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "io-threads" => s.io_threads.to_value(),
             "request-keyframe" => s.request_keyframe.to_value(),
             "overload-policy" => s.overload_policy.to_value(),
+            "zero-copy" => s.zero_copy.to_value(),
             "io-load" => {
                 drop(s);
                 self.engine().io_load().to_value()
