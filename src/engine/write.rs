@@ -54,26 +54,28 @@ pub(super) fn write_turn(
     let mut budget = TURN_BUDGET;
     loop {
         take_streamheader(c, queue, resend);
-        let spooled = zero_copy.and_then(|spool| write_spooled(c, queue, budget, spool));
-        let written = match spooled {
-            Some(written) => written,
-            None => {
-                let plan = match plan_write(c, queue, budget) {
-                    Ok(plan) => plan,
-                    Err(turn) => return turn,
-                };
-                let (total, entries) = (plan.total, plan.entries);
-                let result = if total == 0 {
-                    Ok(0)
-                } else {
-                    write_iov(c.fd, c.kind, plan.iov.as_slice())
-                };
-                Written {
-                    result,
-                    total,
-                    entries,
-                }
+        if let Some(written) = zero_copy.and_then(|spool| write_spooled(c, queue, budget, spool)) {
+            let sent = sent.as_deref_mut();
+            match settle(c, queue, written, now, served, sent, &mut budget) {
+                Some(turn) => return turn,
+                None => continue,
             }
+        }
+        let plan = match plan_write(c, queue, budget) {
+            Ok(plan) => plan,
+            Err(turn) => return turn,
+        };
+        let (total, entries) = (plan.total, plan.entries);
+        let result = if total == 0 {
+            Ok(0)
+        } else {
+            write_iov(c.fd, c.kind, plan.iov.as_slice())
+        };
+        drop(plan);
+        let written = Written {
+            result,
+            total,
+            entries,
         };
         if let Some(turn) = settle(
             c,
