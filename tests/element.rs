@@ -3,11 +3,13 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
 use common::*;
 use gst::prelude::*;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 const SINK: &str = "rsmultifdsink";
 
@@ -572,4 +574,80 @@ fn no_buffer_or_streamheader_is_kept_after_null() {
     );
     h.stop();
     assert!(data.is_writable(), "a queued buffer outlived NULL");
+}
+
+/// `zero-copy` (off by default): the same scenario with it off and on gives every
+/// client the same bytes, over pipes and UNIX sockets, with buffers larger than
+/// either holds (partial writes), a streamheader and clients joining mid-stream.
+#[test]
+fn zero_copy_gives_the_same_bytes_as_writev() {
+    init();
+    let sink = gst::ElementFactory::make(SINK).build().unwrap();
+    assert!(!sink.property::<bool>("zero-copy"));
+    sink.set_property("zero-copy", true);
+    assert!(sink.property::<bool>("zero-copy"));
+    let mut captured = Vec::new();
+    for zero_copy in ["false", "true"] {
+        let mut h = harness(
+            SINK,
+            &[
+                ("zero-copy", zero_copy),
+                ("sync-method", "burst"),
+                ("burst-format", "bytes"),
+                ("burst-value", "300000"),
+                ("bytes-min", "600000"),
+            ],
+        );
+        assert_eq!(h.sink().property::<bool>("zero-copy"), zero_copy == "true");
+        let rec = Recorder::attach(&h.sink());
+        h.set_src_caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
+        let mut clients: Vec<(OwnedFd, OwnedFd)> = Vec::new();
+        let mut read = Vec::new();
+        for i in 0..12u32 {
+            if i % 4 == 1 {
+                let p = if i % 8 == 1 {
+                    pipe()
+                } else {
+                    let (a, b) = UnixStream::pair().unwrap();
+                    (OwnedFd::from(b), OwnedFd::from(a))
+                };
+                h.add_fd(raw(&p.1));
+                clients.push(p);
+                read.push(Vec::new());
+            }
+            let data: Vec<u8> = b16(i).repeat(10_000 + 1000 * i as usize);
+            h.push_bytes(&data, i % 3 != 0);
+            // Readers take what is there, so later buffers meet full fds.
+            for (p, got) in clients.iter().zip(read.iter_mut()) {
+                got.extend(read_available(&p.0));
+            }
+        }
+        for p in &clients {
+            h.sink().emit_by_name::<()>("remove-flush", &[&raw(&p.1)]);
+        }
+        // Each flush ends once its reader took everything.
+        for (p, got) in clients.iter().zip(read.iter_mut()) {
+            let start = std::time::Instant::now();
+            while !rec.events().contains(&Event::FdRemoved(raw(&p.1))) {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "flush of fd {} never ended",
+                    raw(&p.1)
+                );
+                let mut fds = [PollFd::new(p.0.as_fd(), PollFlags::POLLIN)];
+                poll(&mut fds, PollTimeout::from(10u8)).unwrap();
+                got.extend(read_available(&p.0));
+            }
+            got.extend(read_available(&p.0));
+        }
+        captured.push(read);
+        h.stop();
+    }
+    assert!(captured[0].iter().all(|b| b.starts_with(b"HEAD1HEAD2")));
+    assert!(
+        captured[0] == captured[1],
+        "zero-copy changed the bytes: {:?} vs {:?} bytes",
+        captured[0].iter().map(Vec::len).collect::<Vec<_>>(),
+        captured[1].iter().map(Vec::len).collect::<Vec<_>>()
+    );
 }

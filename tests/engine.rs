@@ -256,6 +256,9 @@ struct Recorder {
     io_cost: Mutex<Option<Duration>>,
     /// While true, `buffer_sent` holds the IO thread until it is opened.
     io_gate: (Mutex<bool>, Condvar),
+    /// With `keep_logs`, the engine's warning and info lines.
+    keep_logs: std::sync::atomic::AtomicBool,
+    logs: Mutex<Vec<(gstrsmultifdsink::engine::LogLevel, String)>>,
 }
 
 impl Recorder {
@@ -372,6 +375,11 @@ impl Listener for Recorder {
     fn log(&self, level: gstrsmultifdsink::engine::LogLevel, args: std::fmt::Arguments<'_>) {
         if std::env::var("ENGINE_LOG").is_ok() {
             eprintln!("{level:?} {args}");
+        }
+        if level <= gstrsmultifdsink::engine::LogLevel::Info
+            && self.keep_logs.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.logs.lock().unwrap().push((level, args.to_string()));
         }
     }
 
@@ -1484,7 +1492,8 @@ fn peer_gone_before_add_or_half_closed_is_closed() {
 
 const SIGPIPE_CHILD: &str = "RSMULTIFDSINK_ENGINE_SIGPIPE_CHILD";
 
-/// Pipes whose reader went away: status error, and no SIGPIPE kills the process.
+/// Pipes whose reader went away: status error, and no SIGPIPE kills the process;
+/// with zero-copy too (sendfile has no MSG_NOSIGNAL), for pipes and sockets.
 /// Runs in a child process with SIGPIPE's default action restored (the Rust runtime
 /// ignores SIGPIPE, which would hide the problem).
 #[test]
@@ -1498,8 +1507,12 @@ fn pipe_reader_closed_is_error_without_sigpipe() {
             )
         }
         .unwrap();
-        pipe_reader_closed_scenario();
-        pipe_reader_closed_while_io_thread_busy();
+        pipe_reader_closed_scenario(Settings::default());
+        pipe_reader_closed_while_io_thread_busy(Settings::default());
+        pipe_reader_closed_scenario(zero_copy());
+        pipe_reader_closed_while_io_thread_busy(zero_copy());
+        socket_peer_stopped_reading_scenario(Settings::default());
+        socket_peer_stopped_reading_scenario(zero_copy());
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -1522,8 +1535,8 @@ fn pipe_reader_closed_is_error_without_sigpipe() {
     assert!(stdout.contains("1 passed"), "child did not run: {stdout}");
 }
 
-fn pipe_reader_closed_scenario() {
-    let f = Fixture::new(Settings::default());
+fn pipe_reader_closed_scenario(settings: Settings) {
+    let f = Fixture::new(settings);
     let (rg, wg) = f.pipe();
     f.add(wg, latest());
     let mut n = 0u32;
@@ -1572,9 +1585,9 @@ fn pipe_reader_closed_scenario() {
 /// Makes the IO thread write to a pipe with no reader before it sees the epoll
 /// event: while it is busy serving a big file client, a new pipe client whose reader
 /// is already gone becomes ready, and is written in the same serving loop.
-fn pipe_reader_closed_while_io_thread_busy() {
+fn pipe_reader_closed_while_io_thread_busy(settings: Settings) {
     let dir = TempDir::new("sigpipe");
-    let f = Fixture::new(Settings::default());
+    let f = Fixture::new(settings);
     let file = f.own(std::fs::File::create(dir.0.join("big")).unwrap());
     f.add(file, latest());
     let payload: gstrsmultifdsink::engine::Payload = Arc::new(vec![b'z'; 4 << 20]);
@@ -1588,6 +1601,31 @@ fn pipe_reader_closed_while_io_thread_busy() {
         f.push(key(b(round)));
         assert_eq!(f.rec.wait_gone(w), ClientStatus::Error);
     }
+}
+
+/// UNIX sockets whose peer shut down reading: the next write gets EPIPE (status
+/// error), with no hang-up before it that would let the client go unwritten, and
+/// no SIGPIPE. A good client meanwhile gets every byte.
+fn socket_peer_stopped_reading_scenario(settings: Settings) {
+    let f = Fixture::new(settings);
+    let (good, good_peer) = f.socketpair();
+    f.add(good, latest());
+    let mut want = Vec::new();
+    for round in 0..6u32 {
+        let (ours, peer) = f.socketpair();
+        f.add(ours, latest());
+        if round % 2 == 1 {
+            // Reads a buffer first, so the client is mid-stream.
+            f.push(key(b(2 * round)));
+            want.extend(b(2 * round));
+            expect_read(peer, &b(2 * round));
+        }
+        nix::sys::socket::shutdown(peer, nix::sys::socket::Shutdown::Read).unwrap();
+        f.push(key(big(2 * round + 1)));
+        want.extend(big(2 * round + 1));
+        assert_eq!(f.rec.wait_gone(ours), ClientStatus::Error, "round {round}");
+    }
+    expect_read(good_peer, &want);
 }
 
 #[test]
@@ -2478,4 +2516,233 @@ fn drop_buffers_policy_removes_a_client_whose_fd_stays_full() {
     // Not before the grace: the others skip, this one was given time.
     assert!(start.elapsed() >= Duration::from_millis(500));
     assert_eq!(f.num_handles(), 1);
+}
+
+// ---------------------------------------------------------------------------------
+// Zero-copy: sendfile from the memfd
+
+fn zero_copy() -> Settings {
+    Settings {
+        zero_copy: true,
+        ..Settings::default()
+    }
+}
+
+/// The streamheader then 4 buffers of 256 KiB (more than a pipe or UNIX socket
+/// holds at once, so writes are partial) to one client of each fd kind, each on an engine
+/// of its own: exact bytes, and every buffer's bytes went by sendfile (the
+/// streamheader, never in the memfd, by writev).
+#[test]
+fn zero_copy_every_fd_kind_gets_exact_bytes() {
+    let dir = TempDir::new("zero-copy-kinds");
+    let data: Vec<u8> = (0..4).flat_map(big).collect();
+    let want = cat(&[b"HEAD", &data]);
+    for kind in ["unix", "tcp", "pipe", "file", "/dev/null"] {
+        let f = Fixture::new(zero_copy());
+        f.engine.set_streamheader(Some(payloads(&[b"HE", b"AD"])));
+        let path = dir.0.join(kind.replace('/', "_"));
+        let (ours, read_end) = match kind {
+            "unix" => {
+                let (ours, peer) = f.socketpair();
+                (ours, Some(peer))
+            }
+            "tcp" => {
+                let (ours, peer) = f.tcp();
+                (ours, Some(peer))
+            }
+            "pipe" => {
+                let (r, w) = f.pipe();
+                (w, Some(r))
+            }
+            "file" => (f.own(std::fs::File::create(&path).unwrap()), None),
+            _ => (
+                f.own(std::fs::OpenOptions::new().write(true).open(kind).unwrap()),
+                None,
+            ),
+        };
+        f.add(ours, latest());
+        f.push_all((0..4).map(|i| key(big(i))));
+        match read_end {
+            Some(r) => expect_read(r, &want),
+            None => {
+                assert!(f.engine.remove_flush(ours));
+                assert_eq!(f.rec.wait_gone(ours), ClientStatus::Removed, "{kind}");
+                assert_eq!(
+                    f.rec.stats_at_removed(ours).unwrap().bytes_sent,
+                    want.len() as u64,
+                    "{kind}"
+                );
+            }
+        }
+        if kind == "file" {
+            assert!(
+                std::fs::read(&path).unwrap() == want,
+                "{kind}: bytes differ"
+            );
+        }
+        let c = f.engine.counters();
+        assert_eq!(c.bytes_served, want.len() as u64, "{kind}");
+        assert_eq!(c.bytes_served_zero_copy, data.len() as u64, "{kind}");
+    }
+}
+
+/// 64 KiB buffer `i` of the long stream: its bytes tell where they belong.
+fn long_stream_buffer(i: u32) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..65536u32).map(|j| (i * 7 + j / 3) as u8).collect();
+    v[..4].copy_from_slice(&i.to_be_bytes());
+    v
+}
+
+/// Over a 64 MiB stream the memfd holds only what is still needed (holes are
+/// punched behind the clients), and a client that took 2 MiB into its socket and
+/// reads them only after the stream moved 64 MiB on (those pages long punched
+/// out of the memfd) reads exact bytes: the socket kept the pages by reference and
+/// nothing was written over them.
+#[test]
+fn zero_copy_memfd_stays_bounded_and_late_reader_gets_exact_bytes() {
+    let f = Fixture::new(zero_copy());
+    let (late, late_peer) = f.roomy_socketpair();
+    let (a, a_peer) = f.socketpair();
+    let (b, b_peer) = f.socketpair();
+    for fd in [late, a, b] {
+        f.add(fd, latest());
+    }
+    // The late client takes 2 MiB into its socket and leaves.
+    let early: Vec<u8> = (0..32).flat_map(long_stream_buffer).collect();
+    f.push_all((0..32).map(|k| key(long_stream_buffer(k))));
+    for peer in [a_peer, b_peer] {
+        expect_read(peer, &early);
+    }
+    let deadline = Instant::now() + WAIT;
+    while f.bytes_sent(late) < early.len() as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "late client never took its 2 MiB"
+        );
+        std::thread::yield_now();
+    }
+    assert!(f.engine.remove(late, ClientStatus::Removed));
+    // Then 64 batches of the same 16 buffers (each push is appended anew).
+    let batch: Vec<gstrsmultifdsink::engine::Payload> = (32..48)
+        .map(|k| Arc::new(long_stream_buffer(k)) as gstrsmultifdsink::engine::Payload)
+        .collect();
+    let batch_bytes: Vec<u8> = (32..48).flat_map(long_stream_buffer).collect();
+    let mut most = 0;
+    for _ in 0..64 {
+        for p in &batch {
+            f.push(Chunk::new(p.clone(), true, false, None));
+        }
+        for peer in [a_peer, b_peer] {
+            expect_read(peer, &batch_bytes);
+        }
+        most = most.max(f.engine.spool_allocated().expect("a memfd"));
+    }
+    // Two batches (the one just read is released at the next push) and the
+    // granule being filled, with room for huge folios: far below the 66 MiB pushed.
+    assert!(most <= 8 << 20, "memfd held {most} bytes");
+    // Everything went by sendfile: the late client's 2 MiB and the others' 66 MiB.
+    assert_eq!(
+        f.engine.counters().bytes_served_zero_copy,
+        3 * early.len() as u64 + 2 * 64 * 16 * 65536
+    );
+    expect_read(late_peer, &early);
+}
+
+/// A kind whose first sendfile is refused (a regular file opened O_APPEND: EINVAL)
+/// is written with writev from then on, logged once; sockets on the same engine
+/// still go by sendfile. Every fd gets exact bytes.
+#[test]
+fn zero_copy_refused_kind_falls_back_to_writev() {
+    let dir = TempDir::new("zero-copy-refused-kind");
+    let f = Fixture::new(zero_copy());
+    f.rec
+        .keep_logs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let append = |name: &str| {
+        f.own(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(dir.0.join(name))
+                .unwrap(),
+        )
+    };
+    let first = append("first");
+    let (ours, peer) = f.socketpair();
+    f.add(first, latest());
+    f.add(ours, latest());
+    f.push_all((0..4).map(|i| key(big(i))));
+    // Later files, O_APPEND or not, go by writev: the kind is known to refuse.
+    let second = append("second");
+    let plain = f.own(std::fs::File::create(dir.0.join("plain")).unwrap());
+    f.add(second, latest());
+    f.add(plain, latest());
+    f.push_all((4..8).map(|i| key(big(i))));
+    let all: Vec<u8> = (0..8).flat_map(big).collect();
+    let later: Vec<u8> = (4..8).flat_map(big).collect();
+    expect_read(peer, &all);
+    for fd in [first, second, plain] {
+        assert!(f.engine.remove_flush(fd));
+        assert_eq!(f.rec.wait_gone(fd), ClientStatus::Removed);
+    }
+    assert!(std::fs::read(dir.0.join("first")).unwrap() == all);
+    assert!(std::fs::read(dir.0.join("second")).unwrap() == later);
+    assert!(std::fs::read(dir.0.join("plain")).unwrap() == later);
+    assert_eq!(f.engine.counters().bytes_served_zero_copy, all.len() as u64);
+    let logs = f.rec.logs.lock().unwrap().clone();
+    let refusals: Vec<_> = logs.iter().filter(|(_, l)| l.contains("refused")).collect();
+    assert_eq!(refusals.len(), 1, "{logs:?}");
+    assert_eq!(refusals[0].0, gstrsmultifdsink::engine::LogLevel::Warning);
+    assert!(
+        refusals[0].1.contains("sendfile to File fds refused"),
+        "{refusals:?}"
+    );
+}
+
+/// Once a kind took sendfile, a fd of that kind that refuses it falls back alone
+/// (logged for that client); the others of its kind keep sendfile.
+#[test]
+fn zero_copy_refused_fd_of_a_working_kind_falls_back_alone() {
+    let dir = TempDir::new("zero-copy-refused-fd");
+    let f = Fixture::new(zero_copy());
+    f.rec
+        .keep_logs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let plain = f.own(std::fs::File::create(dir.0.join("plain")).unwrap());
+    f.add(plain, latest());
+    f.push_all((0..2).map(|i| key(big(i))));
+    // Its first sendfile is done once these bytes were written.
+    let deadline = Instant::now() + WAIT;
+    while f.bytes_sent(plain) < 2 * big(0).len() as u64 {
+        assert!(Instant::now() < deadline, "file client never written");
+        std::thread::yield_now();
+    }
+    let appending = f.own(
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(dir.0.join("appending"))
+            .unwrap(),
+    );
+    f.add(appending, latest());
+    f.push_all((2..6).map(|i| key(big(i))));
+    for fd in [plain, appending] {
+        assert!(f.engine.remove_flush(fd));
+        assert_eq!(f.rec.wait_gone(fd), ClientStatus::Removed);
+    }
+    let all: Vec<u8> = (0..6).flat_map(big).collect();
+    let later: Vec<u8> = (2..6).flat_map(big).collect();
+    assert!(std::fs::read(dir.0.join("plain")).unwrap() == all);
+    assert!(std::fs::read(dir.0.join("appending")).unwrap() == later);
+    assert_eq!(f.engine.counters().bytes_served_zero_copy, all.len() as u64);
+    let logs = f.rec.logs.lock().unwrap().clone();
+    let refusals: Vec<_> = logs.iter().filter(|(_, l)| l.contains("refused")).collect();
+    assert_eq!(refusals.len(), 1, "{logs:?}");
+    assert_eq!(refusals[0].0, gstrsmultifdsink::engine::LogLevel::Info);
+    assert!(
+        refusals[0]
+            .1
+            .contains(&format!("client fd {appending}: sendfile refused")),
+        "{refusals:?}"
+    );
 }

@@ -121,7 +121,7 @@ fn assert_same_interface(ours: &str, theirs: &str, diff: Differences) {
 }
 
 /// Properties every element here has beyond C's.
-const OURS: [&str; 7] = [
+const OURS: [&str; 8] = [
     "bytes-queued",
     "time-queued",
     "io-threads",
@@ -129,6 +129,7 @@ const OURS: [&str; 7] = [
     "overload-policy",
     "io-load",
     "batch-time",
+    "zero-copy",
 ];
 
 #[test]

@@ -5,8 +5,10 @@
 
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::spool::{FdClass, Spooled};
 use super::types::{ClientConfig, ClientStatus, Payload, Streamheader};
 
 pub(crate) type ClientId = u64;
@@ -70,6 +72,16 @@ pub(crate) enum FdKind {
     Stream,
 }
 
+/// Whether a client is written with `sendfile` from the spool (with zero-copy on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ZeroCopyFd {
+    /// Not written with zero-copy yet: its kind is looked up at the first write.
+    Unknown,
+    Kind(FdClass),
+    /// `sendfile` refused this fd: writev from now on.
+    Refused,
+}
+
 /// How the fd is watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Watch {
@@ -105,6 +117,8 @@ pub struct ClientStats {
 pub(crate) struct Unsent {
     pub data: Payload,
     pub offset: usize,
+    /// Where `data` is in the zero-copy spool, if it is there.
+    pub spooled: Option<Arc<Spooled>>,
 }
 
 /// One client of a worker: its fd, where it stands in the stream, what it still
@@ -127,6 +141,8 @@ pub(crate) struct Client {
     /// The streamheader generation this client was last given.
     pub streamheader: Option<Streamheader>,
     pub had_streamheader: bool,
+    /// With zero-copy: whether and how its fd takes `sendfile`.
+    pub zero_copy: ZeroCopyFd,
     /// `remove-flush`: send up to (not including) this position, then go.
     pub flush_until: Option<u64>,
     /// Removed while still in `Adding`: the adding thread removes it with this status.
@@ -181,6 +197,7 @@ impl Client {
             outbox: VecDeque::new(),
             streamheader: None,
             had_streamheader: false,
+            zero_copy: ZeroCopyFd::Unknown,
             flush_until: None,
             removal_requested: None,
             adding_thread: Some(std::thread::current().id()),

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MPL-2.0
 
 //! The system calls on a client's fd: classify it, make it non-blocking, watch it
-//! with epoll, set its DSCP, write an iovec to it and read and drop its input.
+//! with epoll, set its DSCP, write an iovec (or a range of the spool) to it and read
+//! and drop its input.
 
 use std::io::IoSlice;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -10,10 +11,15 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::epoll::{Epoll, EpollEvent, EpollFlags};
-use nix::sys::socket::{MsgFlags, sendmsg, setsockopt, sockopt};
+use nix::sys::sendfile::sendfile64;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, SockType, SockaddrLike, SockaddrStorage, getsockname, getsockopt,
+    sendmsg, setsockopt, sockopt,
+};
 use nix::sys::stat::{SFlag, fstat};
 
 use super::client::{Client, ClientId, FdKind, Watch};
+use super::spool::FdClass;
 use super::token::Token;
 use super::types::ClientStatus;
 
@@ -120,6 +126,49 @@ pub(super) fn write_iov(fd: RawFd, kind: FdKind, iov: &[IoSlice<'_>]) -> nix::Re
         },
         FdKind::Stream => nix::sys::uio::writev(bfd, iov),
     }
+}
+
+/// What kind of file `fd` is, for `sendfile` (which works on some kinds only).
+pub(super) fn fd_class(fd: RawFd) -> FdClass {
+    // SAFETY: borrowed for these calls; the app keeps the fd open until
+    // client-fd-removed.
+    let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let Ok(st) = fstat(bfd) else {
+        return FdClass::Other;
+    };
+    let file_type = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    match file_type {
+        SFlag::S_IFIFO => FdClass::Pipe,
+        SFlag::S_IFREG => FdClass::File,
+        SFlag::S_IFCHR => FdClass::CharDevice,
+        SFlag::S_IFSOCK => {
+            let stream = getsockopt(&bfd, sockopt::SockType) == Ok(SockType::Stream);
+            let family = getsockname::<SockaddrStorage>(fd)
+                .ok()
+                .and_then(|a| a.family());
+            match family {
+                Some(AddressFamily::Unix) => FdClass::UnixSocket,
+                Some(AddressFamily::Inet | AddressFamily::Inet6) if stream => FdClass::TcpSocket,
+                _ => FdClass::OtherSocket,
+            }
+        }
+        _ => FdClass::Other,
+    }
+}
+
+/// Writes `len` bytes of `file` from `offset` to the client's fd. Unlike `sendmsg`,
+/// `sendfile` has no MSG_NOSIGNAL: a socket or pipe whose reader went away raises
+/// SIGPIPE, which every IO thread blocks (`io_loop::run`).
+pub(super) fn send_file(
+    fd: RawFd,
+    file: BorrowedFd<'_>,
+    offset: u64,
+    len: usize,
+) -> nix::Result<usize> {
+    // SAFETY: as in `write_iov`.
+    let bfd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let mut off = offset as i64;
+    sendfile64(bfd, file, Some(&mut off), len)
 }
 
 /// Reads what the client sent, through `scratch`: dropped, or appended to `kept`

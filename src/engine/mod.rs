@@ -11,11 +11,12 @@
 //! so writing can use more than one core. Every buffer goes to every worker (an
 //! `Arc` clone each); a client lives on one worker, chosen when it is added. The
 //! files, each using only those listed before it: `types` (what the elements hand
-//! in and get back), `client`, `queue`, `token` (epoll's numbers), `client_fd` (the
-//! system calls on a client's fd), `write` (a client's turn of writing), `rules`
-//! (where clients stand), `state` (a worker's clients and queue under its lock),
-//! `directory` (which worker holds each fd), `worker`, `pool` (the workers),
-//! `service` (the server's handle), `io_loop` (an IO thread), then `Engine` here.
+//! in and get back), `spool` (the zero-copy store), `client`, `queue`, `token`
+//! (epoll's numbers), `client_fd` (the system calls on a client's fd), `write` (a
+//! client's turn of writing), `rules` (where clients stand), `state` (a worker's
+//! clients and queue under its lock), `directory` (which worker holds each fd),
+//! `worker`, `pool` (the workers), `service` (the server's handle), `io_loop` (an IO
+//! thread), then `Engine` here.
 
 mod batch;
 mod client;
@@ -26,6 +27,7 @@ mod pool;
 mod queue;
 mod rules;
 mod service;
+mod spool;
 mod state;
 mod token;
 mod types;
@@ -46,6 +48,7 @@ use std::thread::JoinHandle;
 
 use self::pool::Pool;
 use self::service::ServiceHost;
+use self::spool::Spool;
 
 /// The fan-out engine: its workers, their IO threads and the service. Every call
 /// about one client goes to the worker that holds it; buffers, settings and
@@ -58,11 +61,14 @@ pub struct Engine {
     /// The latest settings, for the workers `set_io_threads` makes.
     settings: Mutex<Settings>,
     listener: Arc<dyn Listener>,
+    /// The zero-copy store: one per engine, whatever the number of workers.
+    spool: Arc<Spool>,
 }
 
 impl Engine {
     pub fn new(listener: Arc<dyn Listener>) -> std::io::Result<Engine> {
-        let pool = Arc::new(Pool::new(listener.clone()));
+        let spool = Arc::new(Spool::new(listener.clone()));
+        let pool = Arc::new(Pool::new(listener.clone(), spool.clone()));
         let settings = Settings::default();
         pool.make_workers(1, &settings)?;
         Ok(Engine {
@@ -71,6 +77,7 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             settings: Mutex::new(settings),
             listener,
+            spool,
         })
     }
 
@@ -132,9 +139,11 @@ impl Engine {
             }
             worker.close();
         }
+        self.spool.reset();
     }
 
     pub fn set_settings(&self, settings: Settings) {
+        self.spool.set_enabled(settings.zero_copy);
         *self.settings.lock().unwrap() = settings.clone();
         for worker in self.pool.workers().iter() {
             worker.set_settings(settings.clone());
@@ -196,8 +205,10 @@ impl Engine {
     /// it may wait (bounded, not while flushing) for IO threads that are behind.
     pub fn push(&self, chunk: Chunk) -> PushReport {
         let mut total = PushReport::default();
+        // Copied into the spool once, for every worker's clients.
+        let spooled = self.spool.append((*chunk.data).as_ref());
         for worker in self.pool.workers().iter() {
-            let report = worker.push(chunk.clone());
+            let report = worker.push(chunk.clone(), spooled.clone());
             total.waited += report.waited;
             total.dropped += report.dropped;
             total.behind |= report.behind;
@@ -254,7 +265,15 @@ impl Engine {
             total.bytes_queued = total.bytes_queued.max(c.bytes_queued);
             total.time_queued = total.time_queued.max(c.time_queued);
         }
+        total.bytes_served_zero_copy = self.spool.bytes_sent();
         total
+    }
+
+    /// Bytes of memory the zero-copy store's memfd holds now (its allocated
+    /// blocks; holes punched behind the oldest buffer still needed do not count);
+    /// `None` while it has no memfd.
+    pub fn spool_allocated(&self) -> Option<u64> {
+        self.spool.allocated()
     }
 
     /// Whether `fd` is a client that is not being removed.

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use super::directory::Directory;
+use super::spool::Spool;
 use super::types::{AddOutcome, ClientConfig, ClientStatus, Fd, Listener, Settings, log};
 use super::worker::Worker;
 
@@ -15,6 +16,8 @@ pub(super) struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
     directory: Arc<Mutex<Directory>>,
     listener: Arc<dyn Listener>,
+    /// The zero-copy store all workers send from.
+    spool: Arc<Spool>,
     /// With `OverloadPolicy::RefuseClients`: the service refuses new clients until
     /// then (the last overloaded push, plus `REFUSE_AFTER_OVERLOAD`).
     refusing_until: Mutex<Option<Instant>>,
@@ -24,11 +27,12 @@ pub(super) struct Pool {
 const REFUSE_AFTER_OVERLOAD: Duration = Duration::from_secs(1);
 
 impl Pool {
-    pub(super) fn new(listener: Arc<dyn Listener>) -> Pool {
+    pub(super) fn new(listener: Arc<dyn Listener>, spool: Arc<Spool>) -> Pool {
         Pool {
             workers: RwLock::new(Vec::new()),
             directory: Default::default(),
             listener,
+            spool,
             refusing_until: Mutex::new(None),
         }
     }
@@ -45,7 +49,11 @@ impl Pool {
         *self.directory.lock().unwrap() = Directory::new(count);
         *workers = (0..count)
             .map(|_| {
-                let worker = Worker::new(self.listener.clone(), self.directory.clone())?;
+                let worker = Worker::new(
+                    self.listener.clone(),
+                    self.directory.clone(),
+                    self.spool.clone(),
+                )?;
                 worker.set_settings(settings.clone());
                 Ok(Arc::new(worker))
             })

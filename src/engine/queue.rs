@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use super::spool::Spooled;
 use super::types::{Amount, Chunk, Streamheader, Unit};
 
 /// One queued buffer, with the streamheader it goes out under.
@@ -16,6 +17,8 @@ pub(crate) struct Entry {
     pub chunk: Chunk,
     /// The caps streamheader in force when this buffer arrived.
     pub streamheader: Option<Streamheader>,
+    /// Where its bytes are in the zero-copy spool, if there.
+    pub spooled: Option<Arc<Spooled>>,
     /// Bytes pushed up to and including this buffer, since the queue was made.
     end_bytes: u64,
     /// Clients whose next buffer is this one.
@@ -54,12 +57,18 @@ impl BufferQueue {
         self.entries.get(usize::try_from(idx).ok()?)
     }
 
-    pub fn push(&mut self, chunk: Chunk, streamheader: Option<Streamheader>) -> u64 {
+    pub fn push(
+        &mut self,
+        chunk: Chunk,
+        streamheader: Option<Streamheader>,
+        spooled: Option<Arc<Spooled>>,
+    ) -> u64 {
         let seq = self.next_seq();
         self.pushed_bytes += chunk.len() as u64;
         self.entries.push_back(Entry {
             chunk,
             streamheader,
+            spooled,
             end_bytes: self.pushed_bytes,
             refs: std::mem::take(&mut self.refs_next),
         });
@@ -260,7 +269,7 @@ mod tests {
     fn queue(sizes: &[usize]) -> BufferQueue {
         let mut q = BufferQueue::default();
         for (i, &s) in sizes.iter().enumerate() {
-            q.push(chunk(s, i % 3 == 0, i as u64 * 10), None);
+            q.push(chunk(s, i % 3 == 0, i as u64 * 10), None, None);
         }
         q
     }
@@ -314,7 +323,7 @@ mod tests {
         assert_eq!(q.first_seq(), 2);
         q.drop_ref(2);
         assert_eq!(q.oldest_referenced(), Some(4));
-        let seq = q.push(chunk(1, true, 50), None);
+        let seq = q.push(chunk(1, true, 50), None, None);
         assert_eq!(seq, 4);
         assert_eq!(q.get(4).unwrap().refs, 1);
     }

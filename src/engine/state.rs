@@ -17,6 +17,7 @@ use super::client::{Client, ClientId, FdKind, IdMap, Phase, Watch};
 use super::client_fd::{full_fds, read_input, watch_writable};
 use super::queue::BufferQueue;
 use super::rules::{keep_from, limit_boundaries, recover_position, start_position};
+use super::spool::{Spool, Spooled};
 use super::types::{
     Chunk, ClientStatus, Listener, OverloadPolicy, Payload, RecoverPolicy, Settings, Streamheader,
     log,
@@ -63,6 +64,8 @@ pub(super) struct WorkerState {
     /// The worker's epoll: removed clients leave it, blocked ones are re-armed.
     pub(super) epoll: Arc<Epoll>,
     pub(super) listener: Arc<dyn Listener>,
+    /// The engine's zero-copy store (shared by all workers).
+    pub(super) spool: Arc<Spool>,
 }
 
 /// Under back-pressure: when at least this many clients, and more than half of them,
@@ -86,7 +89,11 @@ const SOCKET_FULL_GRACE: Duration = Duration::from_millis(100);
 pub(super) type Removal = (ClientId, RawFd, ClientStatus);
 
 impl WorkerState {
-    pub(super) fn new(epoll: Arc<Epoll>, listener: Arc<dyn Listener>) -> WorkerState {
+    pub(super) fn new(
+        epoll: Arc<Epoll>,
+        listener: Arc<dyn Listener>,
+        spool: Arc<Spool>,
+    ) -> WorkerState {
         WorkerState {
             settings: Settings::default(),
             queue: BufferQueue::default(),
@@ -112,6 +119,7 @@ impl WorkerState {
             now: Instant::now(),
             epoll,
             listener,
+            spool,
         }
     }
 
@@ -122,11 +130,11 @@ impl WorkerState {
             .is_some_and(|sh| sh.iter().any(|h| (**h).as_ref() == bytes))
     }
 
-    /// Queues a buffer; returns how many buffers lagging clients skipped for it
-    /// (`OverloadPolicy::DropBuffers`).
-    pub(super) fn push(&mut self, chunk: Chunk) -> u64 {
+    /// Queues a buffer (with its place in the zero-copy spool, if there); returns
+    /// how many buffers lagging clients skipped for it (`OverloadPolicy::DropBuffers`).
+    pub(super) fn push(&mut self, chunk: Chunk, spooled: Option<Arc<Spooled>>) -> u64 {
         self.bytes_to_serve += chunk.len() as u64;
-        let seq = self.queue.push(chunk, self.streamheader.clone());
+        let seq = self.queue.push(chunk, self.streamheader.clone(), spooled);
         let batch = self.settings.batch_time;
         let now = batch.map(|_| Instant::now());
         let mut waiting = Vec::new();
@@ -570,6 +578,7 @@ impl WorkerState {
         let resend = self.settings.resend_streamheader;
         let c = self.clients.get_mut(&id).unwrap();
         let sent = self.settings.report_sent.then_some(&mut self.sent);
+        let zero_copy = self.settings.zero_copy.then_some(&*self.spool);
         let turn = write_turn(
             c,
             &mut self.queue,
@@ -577,6 +586,7 @@ impl WorkerState {
             self.now,
             &mut self.bytes_served,
             sent,
+            zero_copy,
         );
         let fd = c.fd;
         match turn {

@@ -196,6 +196,9 @@ pub struct Settings {
     /// How long a caught-up client's new data may wait so that several buffers go
     /// out in one call (`batch-time`); `None` writes as soon as data arrives.
     pub batch_time: Option<Duration>,
+    /// Keep queued buffers in an append-only memfd and write clients with
+    /// `sendfile` from it (fds that refuse it are written with writev).
+    pub zero_copy: bool,
 }
 
 /// What the engine does when the IO threads cannot keep up with the stream: a
@@ -244,6 +247,7 @@ impl Default for Settings {
             default_placement: ClientConfig::default(),
             overload_policy: OverloadPolicy::BackPressure,
             batch_time: None,
+            zero_copy: false,
         }
     }
 }
@@ -253,6 +257,8 @@ impl Default for Settings {
 pub struct Counters {
     pub bytes_to_serve: u64,
     pub bytes_served: u64,
+    /// Of `bytes_served`, those written with `sendfile` (zero-copy).
+    pub bytes_served_zero_copy: u64,
     pub buffers_queued: u64,
     pub bytes_queued: u64,
     pub time_queued: u64,

@@ -20,6 +20,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::client::{Client, ClientStats, FdKind, Phase, Watch};
 use super::client_fd::{apply_dscp, open_client_fd};
 use super::directory::Directory;
+use super::spool::{Spool, Spooled};
 use super::state::{Removal, WorkerState};
 use super::token::Token;
 use super::types::{
@@ -71,6 +72,7 @@ impl Worker {
     pub(super) fn new(
         listener: Arc<dyn Listener>,
         directory: Arc<Mutex<Directory>>,
+        spool: Arc<Spool>,
     ) -> std::io::Result<Worker> {
         let epoll = Arc::new(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
         let waker =
@@ -78,7 +80,7 @@ impl Worker {
         let token = Token::Waker.to_epoll();
         epoll.add(&waker, EpollEvent::new(EpollFlags::EPOLLIN, token))?;
         Ok(Worker {
-            state: Mutex::new(WorkerState::new(epoll.clone(), listener.clone())),
+            state: Mutex::new(WorkerState::new(epoll.clone(), listener.clone(), spool)),
             epoll,
             waker,
             stop: AtomicBool::new(false),
@@ -389,9 +391,10 @@ impl Worker {
         }
     }
 
-    /// Queues a buffer for every client. Never waits on a client; with
-    /// back-pressure, waits (bounded) for the IO thread when it is behind.
-    pub(super) fn push(&self, chunk: Chunk) -> PushReport {
+    /// Queues a buffer for every client, with its place in the zero-copy spool if
+    /// there. Never waits on a client; with back-pressure, waits (bounded) for the
+    /// IO thread when it is behind.
+    pub(super) fn push(&self, chunk: Chunk, spooled: Option<Arc<Spooled>>) -> PushReport {
         self.pushers.fetch_add(1, Ordering::AcqRel);
         let mut st = self.lock();
         self.pushers.fetch_sub(1, Ordering::AcqRel);
@@ -399,7 +402,7 @@ impl Worker {
             // Already sent from the caps to every client that needs it.
             return PushReport::default();
         }
-        let dropped = st.push(chunk);
+        let dropped = st.push(chunk, spooled);
         if !st.ready.is_empty() || !st.removed.is_empty() || st.batch_needs_wake() {
             self.wake();
         }
@@ -455,6 +458,8 @@ impl Worker {
             bytes_queued: st.queue.bytes_queued(),
             time_queued: st.queue.time_queued(),
             num_handles: st.live as u64,
+            // The engine's spool counts these for all workers.
+            bytes_served_zero_copy: 0,
         }
     }
 

@@ -1,16 +1,20 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! The write path: one client's turn of writing from the queue.
+//! The write path: one client's turn of writing from the queue, with `writev`/
+//! `sendmsg` from the buffers' memory, or with zero-copy on, `sendfile` from the
+//! spool.
 
 use std::io::IoSlice;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Instant;
 
 use nix::errno::Errno;
 
-use super::client::{Client, Unsent, Watch};
-use super::client_fd::write_iov;
+use super::client::{Client, Unsent, Watch, ZeroCopyFd};
+use super::client_fd::{fd_class, send_file, write_iov};
 use super::queue::{BufferQueue, same_streamheader};
+use super::spool::{Spool, SpoolFile, Spooled};
 use super::types::Payload;
 
 /// Most buffers handed to one `writev`/`sendmsg` (Linux's IOV_MAX).
@@ -32,8 +36,9 @@ pub(super) enum Turn {
 }
 
 /// Writes to one client until it is caught up, blocked or out of budget, as one
-/// `sendmsg`/`writev` after another from its outbox and the queue. Adds what it
-/// wrote to `served`; `now` is the batch's clock reading, for the client's activity.
+/// `sendmsg`/`writev` (or, with the `zero_copy` spool, `sendfile`) after another
+/// from its outbox and the queue. Adds what it wrote to `served`; `now` is the
+/// batch's clock reading, for the client's activity.
 pub(super) fn write_turn(
     c: &mut Client,
     queue: &mut BufferQueue,
@@ -41,6 +46,7 @@ pub(super) fn write_turn(
     now: Instant,
     served: &mut u64,
     mut sent: Option<&mut Vec<(RawFd, Payload)>>,
+    zero_copy: Option<&Spool>,
 ) -> Turn {
     if let Watch::Broken(e) = c.watch {
         return Turn::Failed(e);
@@ -48,6 +54,13 @@ pub(super) fn write_turn(
     let mut budget = TURN_BUDGET;
     loop {
         take_streamheader(c, queue, resend);
+        if let Some(written) = zero_copy.and_then(|spool| write_spooled(c, queue, budget, spool)) {
+            let sent = sent.as_deref_mut();
+            match settle(c, queue, written, now, served, sent, &mut budget) {
+                Some(turn) => return turn,
+                None => continue,
+            }
+        }
         let plan = match plan_write(c, queue, budget) {
             Ok(plan) => plan,
             Err(turn) => return turn,
@@ -90,6 +103,7 @@ pub(super) fn take_streamheader(c: &mut Client, queue: &BufferQueue, resend: boo
             c.outbox.extend(sh.iter().map(|h| Unsent {
                 data: h.clone(),
                 offset: 0,
+                spooled: None,
             }));
             c.had_streamheader = true;
         }
@@ -145,6 +159,158 @@ pub(super) fn plan_write<'a>(
         total,
         entries,
     })
+}
+
+/// With zero-copy on, makes the client's next write if its next bytes are in the
+/// spool: one `sendfile` of the contiguous range from there (the rest of a buffer
+/// sent in part, then queued buffers, which follow each other in the file), so
+/// neither many buffers nor a partial write cost a copy per client. Streamheader
+/// bytes before them (never in the spool) go alone by `writev`, so the buffers
+/// after them still go by `sendfile`. `None`: this write goes by `plan_write`
+/// (the fd does not take `sendfile`, or the next buffer is not in the spool).
+fn write_spooled(
+    c: &mut Client,
+    queue: &BufferQueue,
+    budget: usize,
+    spool: &Spool,
+) -> Option<Written> {
+    let class = match c.zero_copy {
+        ZeroCopyFd::Refused => return None,
+        ZeroCopyFd::Kind(class) => class,
+        ZeroCopyFd::Unknown => {
+            let class = fd_class(c.fd);
+            c.zero_copy = ZeroCopyFd::Kind(class);
+            class
+        }
+    };
+    if !spool.may_send(class) {
+        return None;
+    }
+    if c.outbox.front().is_some_and(|p| p.spooled.is_none()) {
+        let mut iov = IoVec::new();
+        let mut total = 0;
+        for p in c.outbox.iter().take_while(|p| p.spooled.is_none()) {
+            let bytes = &(*p.data).as_ref()[p.offset..];
+            total += bytes.len();
+            iov.push(IoSlice::new(bytes));
+            if iov.len() == MAX_IOV {
+                break;
+            }
+        }
+        let result = if total == 0 {
+            Ok(0)
+        } else {
+            write_iov(c.fd, c.kind, iov.as_slice())
+        };
+        return Some(Written {
+            result,
+            total,
+            entries: 0,
+        });
+    }
+    let range = plan_spooled(c, queue, budget)?;
+    let (total, entries) = (range.len, range.entries);
+    if total == 0 {
+        return Some(Written {
+            result: Ok(0),
+            total,
+            entries,
+        });
+    }
+    match send_file(c.fd, range.file.fd(), range.offset, total) {
+        Err(e @ (Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP)) => {
+            spool.refused(class, c.fd, e);
+            c.zero_copy = ZeroCopyFd::Refused;
+            None
+        }
+        result => {
+            spool.worked(class, *result.as_ref().unwrap_or(&0));
+            Some(Written {
+                result,
+                total,
+                entries,
+            })
+        }
+    }
+}
+
+/// A contiguous range of the spool that one `sendfile` sends: the client's outbox
+/// (or its head), then `entries` queued buffers.
+struct SpooledRange<'a> {
+    file: &'a SpoolFile,
+    offset: u64,
+    len: usize,
+    entries: u64,
+}
+
+impl<'a> SpooledRange<'a> {
+    /// Adds `len` bytes of a buffer from `from` on, if they follow in the same file.
+    fn extend(range: &mut Option<Self>, s: &'a Spooled, from: usize, len: usize) -> bool {
+        let start = s.offset + from as u64;
+        match range {
+            None => {
+                *range = Some(SpooledRange {
+                    file: &s.file,
+                    offset: start,
+                    len,
+                    entries: 0,
+                });
+                true
+            }
+            Some(r)
+                if std::ptr::eq(r.file, Arc::as_ptr(&s.file))
+                    && r.offset + r.len as u64 == start =>
+            {
+                r.len += len;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+/// The longest range of the spool the client sends next (about `budget` bytes),
+/// or `None` when its next bytes are not in the spool.
+fn plan_spooled<'a>(
+    c: &'a Client,
+    queue: &'a BufferQueue,
+    budget: usize,
+) -> Option<SpooledRange<'a>> {
+    let mut range = None;
+    let mut whole_outbox = true;
+    for p in &c.outbox {
+        let len = (*p.data).as_ref().len() - p.offset;
+        let fits = p
+            .spooled
+            .as_ref()
+            .is_some_and(|s| SpooledRange::extend(&mut range, s, p.offset, len));
+        if !fits {
+            whole_outbox = false;
+            break;
+        }
+    }
+    if whole_outbox {
+        let limit = c.flush_until.unwrap_or(u64::MAX).min(queue.next_seq());
+        let mut entries = 0;
+        while c.pos + entries < limit && range.as_ref().is_none_or(|r| r.len < budget) {
+            let entry = queue.get(c.pos + entries).unwrap();
+            if !same_streamheader(&entry.streamheader, &c.streamheader) {
+                break;
+            }
+            let fits = entry
+                .spooled
+                .as_ref()
+                .is_some_and(|s| SpooledRange::extend(&mut range, s, 0, entry.chunk.len()));
+            if !fits {
+                break;
+            }
+            entries += 1;
+        }
+        if let Some(r) = range.as_mut() {
+            r.entries = entries;
+        }
+    }
+    range
 }
 
 /// The outcome of one planned write, once the plan's borrows are over.
@@ -275,6 +441,7 @@ fn consume(
             c.outbox.push_back(Unsent {
                 data: entry.chunk.data.clone(),
                 offset: left,
+                spooled: entry.spooled.clone(),
             });
             left = 0;
         } else {

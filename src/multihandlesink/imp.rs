@@ -47,6 +47,8 @@ const DEFAULT_REQUEST_KEYFRAME: bool = false;
 const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
 /// 0: write as soon as data arrives.
 const DEFAULT_BATCH_TIME: u64 = 0;
+/// Off until the benchmark shows where sendfile from the memfd pays.
+const DEFAULT_ZERO_COPY: bool = false;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
@@ -74,6 +76,7 @@ struct Settings {
     request_keyframe: bool,
     overload_policy: OverloadPolicy,
     batch_time: u64,
+    zero_copy: bool,
 }
 
 impl Default for Settings {
@@ -99,6 +102,7 @@ impl Default for Settings {
             request_keyframe: DEFAULT_REQUEST_KEYFRAME,
             overload_policy: DEFAULT_OVERLOAD_POLICY,
             batch_time: DEFAULT_BATCH_TIME,
+            zero_copy: DEFAULT_ZERO_COPY,
         }
     }
 }
@@ -146,6 +150,7 @@ impl Settings {
             default_placement,
             overload_policy: self.overload_policy.into(),
             batch_time: (self.batch_time > 0).then(|| Duration::from_nanos(self.batch_time)),
+            zero_copy: self.zero_copy,
         }
     }
 
@@ -738,6 +743,11 @@ impl ObjectImpl for RsMultiHandleSink {
                     .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
                     .default_value(DEFAULT_REQUEST_KEYFRAME)
                     .build(),
+                glib::ParamSpecBoolean::builder("zero-copy")
+                    .nick("Zero copy")
+                    .blurb("Keep queued buffers in a memfd and send them with sendfile (sockets take the pages by reference); fds that refuse it get writev")
+                    .default_value(DEFAULT_ZERO_COPY)
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -789,6 +799,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "request-keyframe" => s.request_keyframe = value.get().unwrap(),
             "overload-policy" => s.overload_policy = value.get().unwrap(),
             "batch-time" => s.batch_time = value.get().unwrap(),
+            "zero-copy" => s.zero_copy = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -819,6 +830,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "request-keyframe" => s.request_keyframe.to_value(),
             "overload-policy" => s.overload_policy.to_value(),
             "batch-time" => s.batch_time.to_value(),
+            "zero-copy" => s.zero_copy.to_value(),
             "io-load" => {
                 drop(s);
                 self.engine().io_load().to_value()
