@@ -283,7 +283,7 @@ fn table_line(label: &str, cells: &[String], tail: &str) {
 }
 
 /// The table of one case: each element's medians, then rs (each variant) against C
-/// and raw.
+/// and raw, and raw-uring against raw.
 pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpaced: bool) {
     println!();
     println!("{title}  (median of {reps})");
@@ -309,6 +309,9 @@ pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpa
                 table_line(&format!("{rs}/{name}"), &a.ratios(b), "");
             }
         }
+    }
+    if let (Some(a), Some(b)) = (get("raw-uring"), get("raw")) {
+        table_line("uring/raw", &a.ratios(b), "");
     }
     let foreign: Vec<f64> = by_elem
         .iter()
