@@ -121,13 +121,14 @@ fn assert_same_interface(ours: &str, theirs: &str, diff: Differences) {
 }
 
 /// Properties every element here has beyond C's.
-const OURS: [&str; 6] = [
+const OURS: [&str; 7] = [
     "bytes-queued",
     "time-queued",
     "io-threads",
     "request-keyframe",
     "overload-policy",
     "io-load",
+    "io-uring",
 ];
 
 #[test]

@@ -3,12 +3,13 @@
 //! each client must receive. Seeds are fixed (and printed), so a failure replays.
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gstrsmultifdsink::engine::{
-    AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Engine, Fd, Listener, Settings,
-    SyncMethod, Unit,
+    AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Engine, Fd, Listener, LogLevel,
+    Settings, SyncMethod, Unit,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -18,8 +19,10 @@ mod rng;
 
 use rng::Rng;
 
+/// The removals, and how many rounds of writes went through io_uring (from the
+/// engine's log).
 #[derive(Default)]
-struct Removals(Mutex<Vec<(Fd, ClientStatus)>>);
+struct Removals(Mutex<Vec<(Fd, ClientStatus)>>, AtomicUsize);
 
 impl Listener for Removals {
     fn client_added(&self, _fd: Fd) {}
@@ -27,6 +30,13 @@ impl Listener for Removals {
         self.0.lock().unwrap().push((fd, status));
     }
     fn client_fd_removed(&self, _fd: Fd) {}
+    fn log(&self, _level: LogLevel, args: std::fmt::Arguments<'_>) {
+        let line = args.to_string();
+        assert!(!line.contains("io_uring unavailable"), "{line}");
+        if line.starts_with("io_uring: ") {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the stream looked like: every buffer pushed, in order.
@@ -130,7 +140,8 @@ fn random_amount(rng: &mut Rng) -> Option<Amount> {
     }
 }
 
-fn run(seed: u64, io_threads: usize) {
+/// Returns the rounds of writes that went through io_uring.
+fn run(seed: u64, io_threads: usize, io_uring: bool) -> usize {
     let mut rng = Rng::new(seed);
     let removals = Arc::new(Removals::default());
     let engine = Engine::new(removals.clone()).unwrap();
@@ -138,6 +149,7 @@ fn run(seed: u64, io_threads: usize) {
     // Keep the whole stream queued so the model need not know about trimming.
     engine.set_settings(Settings {
         buffers_min: Some(100_000),
+        io_uring,
         ..Settings::default()
     });
     engine.start().unwrap();
@@ -229,19 +241,31 @@ fn run(seed: u64, io_threads: usize) {
         read_some(&c.read_end, &mut extra, 1);
         assert!(extra.is_empty(), "seed {seed}: more bytes than the model");
     }
+    removals.1.load(Ordering::Relaxed)
 }
 
 #[test]
 fn engine_matches_reference_model() {
     for seed in 1..=40u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1);
+        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, false);
     }
+}
+
+/// The same with `io_uring`: every write of a batch of clients submitted together
+/// (pipes: WRITEV with RWF_NOWAIT), partial writes settled from the completions.
+#[test]
+fn engine_with_io_uring_matches_reference_model() {
+    let rounds: usize = (1..=40u64)
+        .map(|seed| run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, true))
+        .sum();
+    assert!(rounds > 0, "no write went through io_uring");
 }
 
 /// The same with clients spread over three IO threads.
 #[test]
 fn sharded_engine_matches_reference_model() {
     for seed in 41..=60u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3);
+        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, false);
+        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, true);
     }
 }

@@ -28,6 +28,7 @@ mod service;
 mod state;
 mod token;
 mod types;
+mod uring;
 mod worker;
 mod write;
 

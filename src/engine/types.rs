@@ -193,6 +193,10 @@ pub struct Settings {
     pub default_placement: ClientConfig,
     /// What happens when the IO threads, not the clients, fall behind.
     pub overload_policy: OverloadPolicy,
+    /// Write each IO thread's batch of ready clients through io_uring (one SQE per
+    /// client, one submission for all) instead of one system call each; where
+    /// io_uring cannot be set up, the system calls are used.
+    pub io_uring: bool,
 }
 
 /// What the engine does when the IO threads cannot keep up with the stream: a
@@ -240,6 +244,7 @@ impl Default for Settings {
             qos_dscp: None,
             default_placement: ClientConfig::default(),
             overload_policy: OverloadPolicy::BackPressure,
+            io_uring: false,
         }
     }
 }

@@ -45,6 +45,7 @@ const DEFAULT_IO_THREADS: u32 = 1;
 const MAX_IO_THREADS: u32 = 64;
 const DEFAULT_REQUEST_KEYFRAME: bool = false;
 const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
+const DEFAULT_IO_URING: bool = false;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
@@ -71,6 +72,7 @@ struct Settings {
     io_threads: u32,
     request_keyframe: bool,
     overload_policy: OverloadPolicy,
+    io_uring: bool,
 }
 
 impl Default for Settings {
@@ -95,6 +97,7 @@ impl Default for Settings {
             io_threads: DEFAULT_IO_THREADS,
             request_keyframe: DEFAULT_REQUEST_KEYFRAME,
             overload_policy: DEFAULT_OVERLOAD_POLICY,
+            io_uring: DEFAULT_IO_URING,
         }
     }
 }
@@ -141,6 +144,7 @@ impl Settings {
             qos_dscp: u8::try_from(self.qos_dscp).ok(),
             default_placement,
             overload_policy: self.overload_policy.into(),
+            io_uring: self.io_uring,
         }
     }
 
@@ -727,6 +731,11 @@ impl ObjectImpl for RsMultiHandleSink {
                     .blurb("Ask upstream for a keyframe (force-key-unit) when a client is added")
                     .default_value(DEFAULT_REQUEST_KEYFRAME)
                     .build(),
+                glib::ParamSpecBoolean::builder("io-uring")
+                    .nick("io_uring")
+                    .blurb("Write each batch of ready clients with one io_uring submission instead of one system call per client (falls back to the system calls where io_uring is unavailable)")
+                    .default_value(DEFAULT_IO_URING)
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -777,6 +786,7 @@ impl ObjectImpl for RsMultiHandleSink {
             }
             "request-keyframe" => s.request_keyframe = value.get().unwrap(),
             "overload-policy" => s.overload_policy = value.get().unwrap(),
+            "io-uring" => s.io_uring = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -806,6 +816,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "io-threads" => s.io_threads.to_value(),
             "request-keyframe" => s.request_keyframe.to_value(),
             "overload-policy" => s.overload_policy.to_value(),
+            "io-uring" => s.io_uring.to_value(),
             "io-load" => {
                 drop(s);
                 self.engine().io_load().to_value()
