@@ -110,6 +110,10 @@ pub struct Opts {
     /// [default: the element's]
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..))]
     pub io_threads: Vec<u32>,
+    /// rsmultifdsink's io-uring; a list runs one rs variant each (rs, rs-uring; with
+    /// --io-threads, every pair) [default: the element's]
+    #[arg(long, value_delimiter = ',', value_name = "BOOLS")]
+    pub io_uring: Vec<bool>,
     /// units-max (buffers) for every element, instead of the one derived from
     /// --max-lag or --window [overload: 200]
     #[arg(long, value_name = "BUFFERS", value_parser = clap::value_parser!(i64).range(1..))]

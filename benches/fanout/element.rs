@@ -82,10 +82,14 @@ fn in_range(pspec: &gst::glib::ParamSpec, value: &gst::glib::Value) -> bool {
     changed == 0
 }
 
-/// The properties `--io-threads` and `--rs-prop` will set on rsmultifdsink, each
-/// checked on an element of this build, so a wrong one stops the benchmark before
-/// the first run.
-pub fn check_rs_props(io_threads: &[u32], props: &[(String, String)]) -> Result<(), String> {
+/// The properties `--io-threads`, `--io-uring` and `--rs-prop` will set on
+/// rsmultifdsink, each checked on an element of this build, so a wrong one stops
+/// the benchmark before the first run.
+pub fn check_rs_props(
+    io_threads: &[u32],
+    io_uring: &[bool],
+    props: &[(String, String)],
+) -> Result<(), String> {
     init_gstreamer();
     let sink = gst::ElementFactory::make("rsmultifdsink")
         .build()
@@ -93,7 +97,10 @@ pub fn check_rs_props(io_threads: &[u32], props: &[(String, String)]) -> Result<
     let io = io_threads
         .iter()
         .map(|n| ("io-threads".to_string(), n.to_string()));
-    for (name, text) in io.chain(props.iter().cloned()) {
+    let uring = io_uring
+        .iter()
+        .map(|b| ("io-uring".to_string(), b.to_string()));
+    for (name, text) in io.chain(uring).chain(props.iter().cloned()) {
         prop_value(&sink, &name, &text)?;
     }
     Ok(())
@@ -117,7 +124,10 @@ impl ElementRun {
             let io = spec
                 .io_threads
                 .map(|n| ("io-threads".to_string(), n.to_string()));
-            for (name, text) in io.iter().chain(&spec.rs_props) {
+            let uring = spec
+                .io_uring
+                .map(|b| ("io-uring".to_string(), b.to_string()));
+            for (name, text) in io.iter().chain(&uring).chain(&spec.rs_props) {
                 let value = prop_value(&sink, name, text).unwrap_or_else(|e| panic!("{e}"));
                 sink.set_property_from_value(name, &value);
             }

@@ -28,7 +28,7 @@ struct Case {
     stalled: usize,
 }
 
-/// The elements to run, rs once per `--io-threads` value.
+/// The elements to run, rs once per `--io-threads` and `--io-uring` value.
 fn variants(o: &Opts) -> Vec<Variant> {
     o.elements
         .iter()
@@ -39,8 +39,17 @@ fn variants(o: &Opts) -> Vec<Variant> {
                 }
                 _ => vec![None],
             };
-            io.into_iter()
-                .map(move |io_threads| Variant { elem, io_threads })
+            let uring: Vec<Option<bool>> = match elem {
+                Elem::Rs if !o.io_uring.is_empty() => o.io_uring.iter().map(|&b| Some(b)).collect(),
+                _ => vec![None],
+            };
+            io.into_iter().flat_map(move |io_threads| {
+                uring.clone().into_iter().map(move |io_uring| Variant {
+                    elem,
+                    io_threads,
+                    io_uring,
+                })
+            })
         })
         .collect()
 }
@@ -76,6 +85,7 @@ fn make_spec(o: &Opts, v: Variant, case: Case) -> Spec {
         deadline: setup + o.warmup + o.duration + 40.0,
         stalled,
         io_threads: v.io_threads,
+        io_uring: v.io_uring,
         rs_props: match v.elem {
             Elem::Rs => o.rs_prop.clone(),
             _ => Vec::new(),
@@ -455,6 +465,7 @@ fn print_sustain_table(o: &Opts, results: &[Sustained]) {
             let c = Variant {
                 elem: Elem::C,
                 io_threads: None,
+                io_uring: None,
             };
             for &v in rs.iter().filter(|_| has_c) {
                 if let (Some(a), Some(c)) = (get(v), get(c)) {
@@ -471,7 +482,7 @@ pub fn orchestrate(o: &Opts, out: &mut Output) {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     init_gstreamer();
     if o.elements.contains(&Elem::Rs)
-        && let Err(e) = check_rs_props(&o.io_threads, &o.rs_prop)
+        && let Err(e) = check_rs_props(&o.io_threads, &o.io_uring, &o.rs_prop)
     {
         eprintln!("fanout-bench: {e}");
         std::process::exit(2);

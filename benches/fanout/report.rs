@@ -275,7 +275,7 @@ pub fn ratio(a: f64, b: f64) -> String {
 }
 
 fn table_line(label: &str, cells: &[String], tail: &str) {
-    let mut out = format!("  {label:<10}");
+    let mut out = format!("  {label:<13}");
     for c in cells {
         let _ = write!(out, " {c:>9}");
     }
@@ -283,7 +283,7 @@ fn table_line(label: &str, cells: &[String], tail: &str) {
 }
 
 /// The table of one case: each element's medians, then rs (each variant) against C
-/// and raw, and raw-uring against raw.
+/// and raw, and each io_uring variant against the same without.
 pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpaced: bool) {
     println!();
     println!("{title}  (median of {reps})");
@@ -310,8 +310,11 @@ pub fn print_case(title: &str, by_elem: &[(String, Vec<Row>)], reps: usize, unpa
             }
         }
     }
-    if let (Some(a), Some(b)) = (get("raw-uring"), get("raw")) {
-        table_line("uring/raw", &a.ratios(b), "");
+    for (uring, a) in meds.iter().filter(|(e, _)| e.ends_with("-uring")) {
+        let base = uring.trim_end_matches("-uring");
+        if let Some(b) = get(base) {
+            table_line(&format!("{uring}/{base}"), &a.ratios(b), "");
+        }
     }
     let foreign: Vec<f64> = by_elem
         .iter()

@@ -111,7 +111,7 @@ fn stream_check_problems() -> Option<String> {
 fn prop_check_problems() -> Vec<String> {
     let prop = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
     let mut failures = Vec::new();
-    if let Err(e) = check_rs_props(&[1, 2], &prop("recover-policy", "keyframe")) {
+    if let Err(e) = check_rs_props(&[1, 2], &[false, true], &prop("recover-policy", "keyframe")) {
         failures.push(format!("valid properties refused: {e}"));
     }
     for (io, props) in [
@@ -120,7 +120,7 @@ fn prop_check_problems() -> Vec<String> {
         (vec![], prop("num-handles", "1")),
         (vec![100_000], vec![]),
     ] {
-        if check_rs_props(&io, &props).is_ok() {
+        if check_rs_props(&io, &[], &props).is_ok() {
             failures.push(format!("accepted: io-threads {io:?}, {props:?}"));
         }
     }
@@ -142,7 +142,16 @@ pub fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let short = ["--clients", "3", "--duration", "0.5", "--warmup", "0.2"];
     let cases: [&[&str]; 3] = [
-        &["--transport", "unix", "--bitrate", "max"],
+        &[
+            "--transport",
+            "unix",
+            "--bitrate",
+            "max",
+            "--elements",
+            "rs,c,raw,raw-uring",
+            "--io-uring",
+            "false,true",
+        ],
         &["--transport", "tcp", "--bitrate", "1M"],
         &[
             "--mode",

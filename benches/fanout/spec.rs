@@ -37,20 +37,29 @@ impl Elem {
     }
 }
 
-/// An element with the IO threads it runs with (rs only; None: the default).
+/// An element with the IO threads it runs with and whether it writes through
+/// io_uring (rs only; None: the default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Variant {
     pub elem: Elem,
     pub io_threads: Option<u32>,
+    pub io_uring: Option<bool>,
 }
 
 impl Variant {
-    /// As the tables name it: `rs-io2` when `--io-threads` chose the IO threads.
+    /// As the tables name it: `rs-io2` when `--io-threads` chose the IO threads,
+    /// `rs-uring` (`rs-io2-uring`) with io-uring on.
     pub fn label(self) -> String {
-        match (self.elem, self.io_threads) {
-            (Elem::Rs, Some(n)) => format!("rs-io{n}"),
-            (e, _) => e.name().to_string(),
+        let mut label = self.elem.name().to_string();
+        if self.elem == Elem::Rs {
+            if let Some(n) = self.io_threads {
+                label += &format!("-io{n}");
+            }
+            if self.io_uring == Some(true) {
+                label += "-uring";
+            }
         }
+        label
     }
 }
 
@@ -93,6 +102,8 @@ pub struct Spec {
     pub stalled: usize,
     /// rsmultifdsink's `io-threads`; None leaves the element's default.
     pub io_threads: Option<u32>,
+    /// rsmultifdsink's `io-uring`; None leaves the element's default.
+    pub io_uring: Option<bool>,
     /// More rsmultifdsink properties (`--rs-prop`), set after the common ones.
     pub rs_props: Vec<(String, String)>,
 }
@@ -112,6 +123,11 @@ impl Spec {
             format!("deadline={}", self.deadline),
             format!("stalled={}", self.stalled),
             format!("io_threads={}", self.io_threads.unwrap_or(0)),
+            format!(
+                "io_uring={}",
+                self.io_uring
+                    .map_or("default".to_string(), |b| b.to_string())
+            ),
         ]
         .into_iter()
         .chain(
@@ -138,6 +154,7 @@ impl Spec {
             deadline: get("deadline").parse().unwrap(),
             stalled: get("stalled").parse().unwrap(),
             io_threads: Some(get("io_threads").parse::<u32>().unwrap()).filter(|&n| n > 0),
+            io_uring: get("io_uring").parse::<bool>().ok(),
             rs_props: kv
                 .iter()
                 .filter_map(|(k, v)| Some((k.strip_prefix(RS_PROP)?.to_string(), v.clone())))
@@ -149,6 +166,7 @@ impl Spec {
         Variant {
             elem: self.elem,
             io_threads: self.io_threads,
+            io_uring: self.io_uring,
         }
         .label()
     }
