@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::ThreadId;
@@ -259,6 +260,10 @@ struct Recorder {
     /// With `keep_logs`, the engine's warning and info lines.
     keep_logs: std::sync::atomic::AtomicBool,
     logs: Mutex<Vec<(gstrsmultifdsink::engine::LogLevel, String)>>,
+    /// From the engine's log: rounds of writes submitted through io_uring, and
+    /// IO threads that found io_uring unavailable.
+    uring_rounds: AtomicUsize,
+    uring_unavailable: AtomicUsize,
 }
 
 impl Recorder {
@@ -373,8 +378,14 @@ fn removal_status(evs: &[Ev], fd: Fd) -> ClientStatus {
 
 impl Listener for Recorder {
     fn log(&self, level: gstrsmultifdsink::engine::LogLevel, args: std::fmt::Arguments<'_>) {
+        let line = args.to_string();
+        if line.starts_with("io_uring: ") {
+            self.uring_rounds.fetch_add(1, Ordering::Relaxed);
+        } else if line.starts_with("io_uring unavailable") {
+            self.uring_unavailable.fetch_add(1, Ordering::Relaxed);
+        }
         if std::env::var("ENGINE_LOG").is_ok() {
-            eprintln!("{level:?} {args}");
+            eprintln!("{level:?} {line}");
         }
         if level <= gstrsmultifdsink::engine::LogLevel::Info
             && self.keep_logs.load(std::sync::atomic::Ordering::SeqCst)
@@ -1513,6 +1524,9 @@ fn pipe_reader_closed_is_error_without_sigpipe() {
         pipe_reader_closed_while_io_thread_busy(zero_copy());
         socket_peer_stopped_reading_scenario(Settings::default());
         socket_peer_stopped_reading_scenario(zero_copy());
+        // io_uring's WRITEV to a pipe without reader raises SIGPIPE in the IO
+        // thread too.
+        pipe_reader_closed_scenario(with_io_uring());
         return;
     }
     let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -1705,6 +1719,186 @@ fn regular_file_clients_get_exact_bytes() {
     }
     assert_eq!(std::fs::read(dir.0.join("wo")).unwrap(), want);
     assert_eq!(std::fs::read(dir.0.join("rw")).unwrap(), want);
+}
+
+// ---------------------------------------------------------------------------------
+// io_uring: a batch of ready clients written with one submission
+
+fn with_io_uring() -> Settings {
+    Settings {
+        io_uring: true,
+        ..Settings::default()
+    }
+}
+
+/// A UNIX socket, a TCP connection, a pipe and a regular file as clients of one
+/// engine, each getting a stream of big buffers (larger than any of their kernel
+/// buffers, so most writes are partial): exact bytes everywhere. A pipe that is
+/// full when it is first written holds up nobody (its write must answer EAGAIN,
+/// not wait for room) and gets its bytes once drained.
+fn every_fd_kind_gets_exact_bytes(f: &Fixture, dir: &TempDir) {
+    let (unix, unix_peer) = f.socketpair();
+    let (tcp, tcp_peer) = f.tcp();
+    let (pipe_r, pipe_w) = f.pipe();
+    let (full_r, full_w, filled) = f.full_pipe();
+    let file = f.own(std::fs::File::create(dir.0.join("out")).unwrap());
+    for fd in [unix, tcp, pipe_w, full_w, file] {
+        f.add(fd, latest());
+    }
+    let mut want = Vec::new();
+    for i in 0..6 {
+        f.push(key(big(i)));
+        f.push(delta(b(i)));
+        want.extend(big(i));
+        want.extend(b(i));
+    }
+    // One reader at a time: the others stay blocked on full fds meanwhile.
+    for peer in [unix_peer, tcp_peer, pipe_r] {
+        expect_read(peer, &want);
+    }
+    f.drain(full_r, filled);
+    expect_read(full_r, &want);
+    for fd in [unix, tcp, pipe_w, full_w] {
+        assert_eq!(f.bytes_sent(fd), want.len() as u64, "fd {fd}");
+    }
+    assert!(f.engine.remove_flush(file));
+    assert_eq!(f.rec.wait_gone(file), ClientStatus::Removed);
+    assert_eq!(std::fs::read(dir.0.join("out")).unwrap(), want);
+    assert_eq!(f.num_handles(), 4);
+}
+
+#[test]
+fn io_uring_every_fd_kind_gets_exact_bytes() {
+    let dir = TempDir::new("uring-kinds");
+    let f = Fixture::new(with_io_uring());
+    every_fd_kind_gets_exact_bytes(&f, &dir);
+    assert!(f.rec.uring_rounds.load(Ordering::Relaxed) > 0);
+    assert_eq!(f.rec.uring_unavailable.load(Ordering::Relaxed), 0);
+}
+
+/// Clients whose peer went away (sockets: EPIPE or a hang-up; pipes: EPIPE), one per
+/// round, before, while and after data was queued for them, among clients that
+/// read: only they are removed, and the others get every byte.
+#[test]
+fn io_uring_failing_fd_removes_only_that_client() {
+    let f = Fixture::new(with_io_uring());
+    // (the engine's end, the reader's end)
+    let client = |socket: bool| {
+        if socket {
+            f.socketpair()
+        } else {
+            let (r, w) = f.pipe();
+            (w, r)
+        }
+    };
+    let good: Vec<(RawFd, RawFd)> = (0..6).map(|i| client(i % 2 == 0)).collect();
+    for &(ours, _) in &good {
+        f.add(ours, latest());
+    }
+    let mut n = 0;
+    for round in 0..9u32 {
+        let (ours, peer) = client(round % 2 == 0);
+        f.add(ours, latest());
+        let mut want = Vec::new();
+        let mut push = |data: Vec<u8>| {
+            want.extend_from_slice(&data);
+            f.push(key(data));
+        };
+        match round % 3 {
+            0 => {
+                f.close(peer);
+                push(b(n));
+            }
+            1 => {
+                push(b(n));
+                f.close(peer);
+                push(b(n + 1));
+            }
+            // Blocked on its full fd when the peer goes.
+            _ => {
+                push(big(n));
+                f.close(peer);
+                push(b(n + 1));
+            }
+        }
+        n += 2;
+        let status = f.rec.wait_gone(ours);
+        assert!(
+            matches!(status, ClientStatus::Closed | ClientStatus::Error),
+            "round {round}: {status:?}"
+        );
+        assert_open(ours);
+        for &(_, reader) in &good {
+            expect_read(reader, &want);
+        }
+    }
+    assert_eq!(f.num_handles(), 6);
+    assert!(f.rec.uring_rounds.load(Ordering::Relaxed) > 0);
+}
+
+/// Makes `io_uring_setup` fail with ENOSYS, as on a kernel without io_uring, in this
+/// thread and the threads it starts from now on (a seccomp filter: the test
+/// harness's other threads keep io_uring). Checks the native syscall number only.
+fn deny_io_uring_setup() {
+    use nix::libc;
+    let stmt = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        // The syscall number: seccomp_data.nr, at offset 0.
+        stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        stmt(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            libc::SYS_io_uring_setup as u32,
+            0,
+            1,
+        ),
+        stmt(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+            0,
+            0,
+        ),
+        stmt(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a valid filter program that outlives the call.
+    unsafe {
+        assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog
+            ),
+            0,
+            "seccomp: {}",
+            Errno::last()
+        );
+    }
+}
+
+/// Where io_uring cannot be set up, `io_uring` writes with the system calls: the
+/// same exact bytes, one log line.
+#[test]
+fn io_uring_unavailable_falls_back_to_system_calls() {
+    let scenario = std::thread::spawn(|| {
+        deny_io_uring_setup();
+        let dir = TempDir::new("uring-fallback");
+        let f = Fixture::new(with_io_uring());
+        every_fd_kind_gets_exact_bytes(&f, &dir);
+        assert_eq!(f.rec.uring_unavailable.load(Ordering::Relaxed), 1);
+        assert_eq!(f.rec.uring_rounds.load(Ordering::Relaxed), 0);
+    });
+    if let Err(panic) = scenario.join() {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 // ---------------------------------------------------------------------------------

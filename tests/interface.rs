@@ -121,7 +121,7 @@ fn assert_same_interface(ours: &str, theirs: &str, diff: Differences) {
 }
 
 /// Properties every element here has beyond C's.
-const OURS: [&str; 8] = [
+const OURS: [&str; 9] = [
     "bytes-queued",
     "time-queued",
     "io-threads",
@@ -130,6 +130,7 @@ const OURS: [&str; 8] = [
     "io-load",
     "batch-time",
     "zero-copy",
+    "io-uring",
 ];
 
 #[test]

@@ -5,12 +5,13 @@
 //! and TCP sockets with small send buffers (partial writes).
 
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gstrsmultifdsink::engine::{
-    AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Engine, Fd, Listener, Settings,
-    SyncMethod, Unit,
+    AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Engine, Fd, Listener, LogLevel,
+    Settings, SyncMethod, Unit,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
@@ -21,8 +22,10 @@ mod rng;
 
 use rng::Rng;
 
+/// The removals, and how many rounds of writes went through io_uring (from the
+/// engine's log).
 #[derive(Default)]
-struct Removals(Mutex<Vec<(Fd, ClientStatus)>>);
+struct Removals(Mutex<Vec<(Fd, ClientStatus)>>, AtomicUsize);
 
 impl Listener for Removals {
     fn client_added(&self, _fd: Fd) {}
@@ -30,6 +33,13 @@ impl Listener for Removals {
         self.0.lock().unwrap().push((fd, status));
     }
     fn client_fd_removed(&self, _fd: Fd) {}
+    fn log(&self, _level: LogLevel, args: std::fmt::Arguments<'_>) {
+        let line = args.to_string();
+        assert!(!line.contains("io_uring unavailable"), "{line}");
+        if line.starts_with("io_uring: ") {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the stream looked like: every buffer pushed, in order.
@@ -161,7 +171,8 @@ fn client_fds(rng: &mut Rng, zero_copy: bool) -> (OwnedFd, OwnedFd) {
     (r, w)
 }
 
-fn run(seed: u64, io_threads: usize, zero_copy: bool) {
+/// Returns the rounds of writes that went through io_uring.
+fn run(seed: u64, io_threads: usize, zero_copy: bool) -> usize {
     run_with(
         seed,
         io_threads,
@@ -169,11 +180,11 @@ fn run(seed: u64, io_threads: usize, zero_copy: bool) {
             zero_copy,
             ..Settings::default()
         },
-    );
+    )
 }
 
 /// One random run with these settings (the queue is kept whole whatever they say).
-fn run_with(seed: u64, io_threads: usize, settings: Settings) {
+fn run_with(seed: u64, io_threads: usize, settings: Settings) -> usize {
     let zero_copy = settings.zero_copy;
     let mut rng = Rng::new(seed);
     let removals = Arc::new(Removals::default());
@@ -283,6 +294,7 @@ fn run_with(seed: u64, io_threads: usize, settings: Settings) {
         read_some(&c.read_end, &mut extra, 1);
         assert!(extra.is_empty(), "seed {seed}: more bytes than the model");
     }
+    removals.1.load(Ordering::Relaxed)
 }
 
 #[test]
@@ -292,11 +304,29 @@ fn engine_matches_reference_model() {
     }
 }
 
+/// The same with `io_uring`: every write of a batch of clients submitted together
+/// (pipes: WRITEV with RWF_NOWAIT), partial writes settled from the completions.
+#[test]
+fn engine_with_io_uring_matches_reference_model() {
+    let rounds: usize = (1..=40u64)
+        .map(|seed| run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, with_io_uring()))
+        .sum();
+    assert!(rounds > 0, "no write went through io_uring");
+}
+
+fn with_io_uring() -> Settings {
+    Settings {
+        io_uring: true,
+        ..Settings::default()
+    }
+}
+
 /// The same with clients spread over three IO threads.
 #[test]
 fn sharded_engine_matches_reference_model() {
     for seed in 41..=60u64 {
         run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, false);
+        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, with_io_uring());
     }
 }
 
@@ -338,6 +368,21 @@ fn batching_zero_copy_engine_matches_reference_model() {
         let settings = Settings {
             batch_time: Some(Duration::from_millis(5)),
             zero_copy: true,
+            ..Settings::default()
+        };
+        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);
+    }
+}
+
+/// Everything at once: batches written by one io_uring submission, or by sendfile
+/// where zero-copy takes the fd.
+#[test]
+fn batching_zero_copy_io_uring_engine_matches_reference_model() {
+    for seed in 141..=160u64 {
+        let settings = Settings {
+            batch_time: Some(Duration::from_millis(5)),
+            zero_copy: true,
+            io_uring: true,
             ..Settings::default()
         };
         run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);

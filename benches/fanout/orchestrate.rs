@@ -541,7 +541,8 @@ pub fn orchestrate(o: &Opts, out: &mut Output) {
     if o.mode == Mode::Sustain || o.mode == Mode::All {
         let mut s = o.clone();
         if o.mode == Mode::All {
-            s.elements.retain(|e| *e != Elem::Raw);
+            s.elements
+                .retain(|e| !matches!(e, Elem::Raw | Elem::RawUring));
         }
         run_sustain(&s, out);
     }

@@ -294,7 +294,7 @@ pub fn ratio(a: f64, b: f64) -> String {
 }
 
 fn table_line(label: &str, cells: &[String], tail: &str) {
-    let mut out = format!("  {label:<10}");
+    let mut out = format!("  {label:<13}");
     for c in cells {
         let _ = write!(out, " {c:>9}");
     }
@@ -325,6 +325,9 @@ pub fn print_case(title: &str, by_elem: &[(Variant, Vec<Row>)], reps: usize, unp
                 table_line(&format!("{}/{name}", rs.label), &a.ratios(b), "");
             }
         }
+    }
+    if let (Some(uring), Some(raw)) = (get(Elem::RawUring), get(Elem::Raw)) {
+        table_line("raw-uring/raw", &uring.ratios(raw), "");
     }
     let foreign: Vec<f64> = by_elem
         .iter()

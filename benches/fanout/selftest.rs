@@ -375,7 +375,18 @@ pub fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let short = ["--clients", "3", "--duration", "0.5", "--warmup", "0.2"];
     let cases: [&[&str]; 4] = [
-        &["--transport", "unix", "--bitrate", "max"],
+        &[
+            "--transport",
+            "unix",
+            "--bitrate",
+            "max",
+            "--elements",
+            "rs,c,raw,raw-uring",
+            "--rs-variant",
+            "uring:io-uring=true",
+            "--rs-variant",
+            "zc-bt:zero-copy=true,batch-time=5000000",
+        ],
         &["--transport", "tcp", "--bitrate", "1M"],
         &[
             "--transport",

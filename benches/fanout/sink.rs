@@ -385,7 +385,7 @@ pub fn main(args: &[String]) {
     let mut drain = Drain::spawn(&spec, port, &counters);
     let acceptor = listener.as_ref().map(|l| accept_all(l, spec.clients));
     let element = match spec.elem {
-        Elem::Raw => None,
+        Elem::Raw | Elem::RawUring => None,
         e => Some(ElementRun::new(&spec, e)),
     };
     let base_rss_kb = proc_status_kib("VmRSS:");

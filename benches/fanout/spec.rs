@@ -22,6 +22,8 @@ pub enum Elem {
     #[value(alias = "multifdsink")]
     C,
     Raw,
+    /// The raw floor with each batch of writes submitted through io_uring
+    RawUring,
 }
 
 impl Elem {
@@ -30,6 +32,7 @@ impl Elem {
             Elem::Rs => "rs",
             Elem::C => "c",
             Elem::Raw => "raw",
+            Elem::RawUring => "raw-uring",
         }
     }
 }

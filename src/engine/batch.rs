@@ -169,15 +169,31 @@ mod tests {
         let mut q = BufferQueue::default();
         let mut b = Batches::new();
         let t = b.epoch;
-        let seq0 = q.push(Chunk::from_vec(vec![0; 40 << 10], true, false, None), None, None);
+        let seq0 = q.push(
+            Chunk::from_vec(vec![0; 40 << 10], true, false, None),
+            None,
+            None,
+        );
         b.add_group(seq0, vec![(1, t)]);
-        let seq1 = q.push(Chunk::from_vec(vec![0; 20 << 10], true, false, None), None, None);
+        let seq1 = q.push(
+            Chunk::from_vec(vec![0; 20 << 10], true, false, None),
+            None,
+            None,
+        );
         b.add_group(seq1, vec![(2, t)]);
         assert!(b.take_full_groups(&q).is_empty());
-        q.push(Chunk::from_vec(vec![0; 4 << 10], true, false, None), None, None);
+        q.push(
+            Chunk::from_vec(vec![0; 4 << 10], true, false, None),
+            None,
+            None,
+        );
         // 64 KiB from the first group's buffer, 24 KiB from the second's.
         assert_eq!(b.take_full_groups(&q), vec![(t, 1)]);
-        q.push(Chunk::from_vec(vec![0; 40 << 10], true, false, None), None, None);
+        q.push(
+            Chunk::from_vec(vec![0; 40 << 10], true, false, None),
+            None,
+            None,
+        );
         assert_eq!(b.take_full_groups(&q), vec![(t, 2)]);
     }
 }

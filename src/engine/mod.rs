@@ -31,6 +31,7 @@ mod spool;
 mod state;
 mod token;
 mod types;
+mod uring;
 mod worker;
 mod write;
 

@@ -588,6 +588,12 @@ impl WorkerState {
             sent,
             zero_copy,
         );
+        self.finish_turn(id, turn);
+    }
+
+    /// Moves a client on by how its turn of writing ended.
+    pub(super) fn finish_turn(&mut self, id: ClientId, turn: Turn) {
+        let c = self.clients.get_mut(&id).unwrap();
         let fd = c.fd;
         match turn {
             Turn::CaughtUp => {

@@ -199,6 +199,10 @@ pub struct Settings {
     /// Keep queued buffers in an append-only memfd and write clients with
     /// `sendfile` from it (fds that refuse it are written with writev).
     pub zero_copy: bool,
+    /// Write each IO thread's batch of ready clients through io_uring (one SQE per
+    /// client, one submission for all) instead of one system call each; where
+    /// io_uring cannot be set up, the system calls are used.
+    pub io_uring: bool,
 }
 
 /// What the engine does when the IO threads cannot keep up with the stream: a
@@ -248,6 +252,7 @@ impl Default for Settings {
             overload_policy: OverloadPolicy::BackPressure,
             batch_time: None,
             zero_copy: false,
+            io_uring: false,
         }
     }
 }

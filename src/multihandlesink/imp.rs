@@ -49,6 +49,7 @@ const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
 const DEFAULT_BATCH_TIME: u64 = 0;
 /// Off until the benchmark shows where sendfile from the memfd pays.
 const DEFAULT_ZERO_COPY: bool = false;
+const DEFAULT_IO_URING: bool = false;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
 
@@ -77,6 +78,7 @@ struct Settings {
     overload_policy: OverloadPolicy,
     batch_time: u64,
     zero_copy: bool,
+    io_uring: bool,
 }
 
 impl Default for Settings {
@@ -103,6 +105,7 @@ impl Default for Settings {
             overload_policy: DEFAULT_OVERLOAD_POLICY,
             batch_time: DEFAULT_BATCH_TIME,
             zero_copy: DEFAULT_ZERO_COPY,
+            io_uring: DEFAULT_IO_URING,
         }
     }
 }
@@ -151,6 +154,7 @@ impl Settings {
             overload_policy: self.overload_policy.into(),
             batch_time: (self.batch_time > 0).then(|| Duration::from_nanos(self.batch_time)),
             zero_copy: self.zero_copy,
+            io_uring: self.io_uring,
         }
     }
 
@@ -748,6 +752,11 @@ impl ObjectImpl for RsMultiHandleSink {
                     .blurb("Keep queued buffers in a memfd and send them with sendfile (sockets take the pages by reference); fds that refuse it get writev")
                     .default_value(DEFAULT_ZERO_COPY)
                     .build(),
+                glib::ParamSpecBoolean::builder("io-uring")
+                    .nick("io_uring")
+                    .blurb("Write each batch of ready clients with one io_uring submission instead of one system call per client (falls back to the system calls where io_uring is unavailable)")
+                    .default_value(DEFAULT_IO_URING)
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -800,6 +809,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "overload-policy" => s.overload_policy = value.get().unwrap(),
             "batch-time" => s.batch_time = value.get().unwrap(),
             "zero-copy" => s.zero_copy = value.get().unwrap(),
+            "io-uring" => s.io_uring = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
         gst::debug!(CAT, imp = self, "set {} to {:?}", pspec.name(), value);
@@ -831,6 +841,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "overload-policy" => s.overload_policy.to_value(),
             "batch-time" => s.batch_time.to_value(),
             "zero-copy" => s.zero_copy.to_value(),
+            "io-uring" => s.io_uring.to_value(),
             "io-load" => {
                 drop(s);
                 self.engine().io_load().to_value()
