@@ -7,6 +7,8 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
+pub mod tls;
+
 use gst::prelude::*;
 pub use gst_check::Harness;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
