@@ -214,7 +214,8 @@ struct Shared {
 }
 
 /// One thread that terminates TLS for every connection given to [`Terminator::wrap`].
-/// Dropping it stops the thread and closes every connection it holds.
+/// Dropping it stops the thread and closes every connection it holds (established
+/// ones after what can be sent at once and a close_notify).
 pub struct Terminator {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -709,6 +710,21 @@ impl Conn {
         Ok(moved)
     }
 
+    /// The terminator stops: what can move without waiting moves, then an
+    /// established stream gets its close_notify (so the viewer sees an end, not a
+    /// cut), without waiting for anything.
+    fn end_now(&mut self) {
+        if self.phase != Phase::Established {
+            return;
+        }
+        let _ = self.copy();
+        if !self.close_notify_sent {
+            self.tls.send_close_notify();
+            self.close_notify_sent = true;
+        }
+        let _ = self.flush_tls();
+    }
+
     /// The engine's end is closed (seen by EPOLLHUP or a failed write): nothing more
     /// goes to it; what it wrote before is still read and sent.
     fn engine_gone(&mut self) {
@@ -820,6 +836,9 @@ fn run(shared: &Shared, epoll: &Epoll) {
                 let _ = shared.waker.read();
                 if shared.stop.load(Ordering::SeqCst) {
                     let left = conns.len();
+                    for c in conns.values_mut() {
+                        c.end_now();
+                    }
                     drop(conns);
                     shared.open.fetch_sub(left, Ordering::SeqCst);
                     shared.handshaking.store(0, Ordering::SeqCst);

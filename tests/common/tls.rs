@@ -424,6 +424,41 @@ impl TlsClient {
         got
     }
 
+    /// Reads an HTTP response head (through the blank line) within `deadline`; what
+    /// follows stays for the next read.
+    pub fn read_head(&mut self, deadline: Duration) -> Vec<u8> {
+        let start = Instant::now();
+        loop {
+            if let Some(end) = self.received.windows(4).position(|w| w == b"\r\n\r\n") {
+                let rest = self.received.split_off(end + 4);
+                return std::mem::replace(&mut self.received, rest);
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "no response head: {:?}",
+                String::from_utf8_lossy(&self.received)
+            );
+            assert!(
+                self.ended.is_none(),
+                "ended before the head: {:?}",
+                self.ended
+            );
+            self.round(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `data` (all of it) within `deadline`.
+    pub fn send(&mut self, data: &[u8], deadline: Duration) {
+        let kept = std::mem::take(&mut self.received);
+        let got = self.transfer(data, 0, deadline);
+        self.received = [kept, got].concat();
+    }
+
+    /// Whether the stream has ended (as far as read so far).
+    pub fn ended(&self) -> Option<&Ending> {
+        self.ended.as_ref()
+    }
+
     /// Reads until the stream ends, within `deadline`: what arrived and how it ended.
     pub fn read_to_end(&mut self, deadline: Duration) -> (Vec<u8>, Ending) {
         let start = Instant::now();
