@@ -369,9 +369,20 @@ struct Conn {
     /// Decrypted bytes from the viewer not yet written to the socketpair.
     to_plain: Vec<u8>,
     to_plain_sent: usize,
-    /// Bytes the engine wrote, read from the socketpair, not yet taken by rustls.
-    from_plain: Vec<u8>,
+    /// Bytes the engine wrote, read from the socketpair: `[taken..end]` are not yet
+    /// taken by rustls (allocated at the first read, CHUNK long).
+    from_plain: Box<[u8]>,
     from_plain_taken: usize,
+    from_plain_end: usize,
+    /// Readiness as epoll's edges told it: set by an event, cleared when a read or
+    /// write would block (or a read came back short). Saves the system calls that
+    /// would only answer EAGAIN.
+    tcp_in: bool,
+    tcp_out: bool,
+    plain_in: bool,
+    plain_out: bool,
+    /// The engine shut its end down (EPOLLRDHUP seen): reads go on until its EOF.
+    plain_rdhup: bool,
     /// The viewer sends nothing more (FIN or close_notify).
     tcp_eof: bool,
     /// EOF given to the engine (after everything the viewer sent).
@@ -411,8 +422,14 @@ impl Conn {
             deadline: Some(w.deadline),
             to_plain: Vec::new(),
             to_plain_sent: 0,
-            from_plain: Vec::new(),
+            from_plain: Box::default(),
             from_plain_taken: 0,
+            from_plain_end: 0,
+            tcp_in: true,
+            tcp_out: true,
+            plain_in: true,
+            plain_out: true,
+            plain_rdhup: false,
             tcp_eof: false,
             plain_write_shut: false,
             plain_eof: false,
@@ -438,10 +455,10 @@ impl Conn {
     /// until it has nothing or TCP is full. Err: the viewer is gone.
     fn flush_tls(&mut self) -> Result<usize, String> {
         let mut sent = 0;
-        while self.tls.wants_write() {
+        while self.tcp_out && self.tls.wants_write() {
             match self.tls.write_tls(&mut NoSigPipe(self.tcp.as_fd())) {
                 Ok(n) => sent += n,
-                Err(e) if would_block(&e) => break,
+                Err(e) if would_block(&e) => self.tcp_out = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("write to the viewer failed: {e}")),
             }
@@ -569,6 +586,9 @@ impl Conn {
                 self.to_plain_sent = 0;
                 return Ok(1);
             };
+            if !self.plain_out {
+                return Ok(0);
+            }
             return match NoSigPipe(plain.as_fd()).write(&self.to_plain[self.to_plain_sent..]) {
                 Ok(n) => {
                     self.to_plain_sent += n;
@@ -579,7 +599,10 @@ impl Conn {
                     }
                     Ok(n)
                 }
-                Err(e) if would_block(&e) => Ok(0),
+                Err(e) if would_block(&e) => {
+                    self.plain_out = false;
+                    Ok(0)
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => Ok(0),
                 // The engine's end is closed: what the viewer sends goes nowhere.
                 Err(_) => {
@@ -604,13 +627,19 @@ impl Conn {
             }
             return Ok(0);
         }
+        if !self.tcp_in {
+            return Ok(0);
+        }
         let n = match self.tls.read_tls(&mut self.tcp) {
             Ok(0) => {
                 self.tcp_eof = true;
                 return Ok(1);
             }
             Ok(n) => n,
-            Err(e) if would_block(&e) => return Ok(0),
+            Err(e) if would_block(&e) => {
+                self.tcp_in = false;
+                return Ok(0);
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(0),
             Err(e) => return Err(format!("read from the viewer failed: {e}")),
         };
@@ -656,18 +685,14 @@ impl Conn {
             let _ = self.tcp.shutdown(Shutdown::Write);
             return Ok(moved + 1);
         }
-        if self.from_plain_taken < self.from_plain.len() {
+        if self.from_plain_taken < self.from_plain_end {
             let n = self
                 .tls
                 .writer()
-                .write(&self.from_plain[self.from_plain_taken..])
+                .write(&self.from_plain[self.from_plain_taken..self.from_plain_end])
                 .map_err(|e| format!("encrypting failed: {e}"))?;
             self.from_plain_taken += n;
             self.bytes_out += n as u64;
-            if self.from_plain_taken == self.from_plain.len() {
-                self.from_plain.clear();
-                self.from_plain_taken = 0;
-            }
             // rustls at its limit takes nothing: wait for TCP to take some.
             return Ok(moved + n);
         }
@@ -676,27 +701,38 @@ impl Conn {
                 self.plain_eof = true;
                 return Ok(moved + 1);
             };
-            self.from_plain.resize(CHUNK, 0);
-            let r = plain.read(&mut self.from_plain);
-            return match r {
+            if !self.plain_in {
+                return Ok(moved);
+            }
+            if self.from_plain.is_empty() {
+                self.from_plain = vec![0u8; CHUNK].into_boxed_slice();
+            }
+            self.from_plain_taken = 0;
+            self.from_plain_end = 0;
+            return match plain.read(&mut self.from_plain) {
                 Ok(0) => {
-                    self.from_plain.clear();
                     self.plain_eof = true;
                     Ok(moved + 1)
                 }
                 Ok(n) => {
-                    self.from_plain.truncate(n);
+                    self.from_plain_end = n;
+                    // A stream socket's read comes back short only when it took
+                    // everything there was; but an EOF behind the data comes with
+                    // the same edge, so after one the reads go on until EOF.
+                    if n < self.from_plain.len() && !self.plain_rdhup {
+                        self.plain_in = false;
+                    }
                     Ok(moved + n)
                 }
-                Err(e) => {
-                    self.from_plain.clear();
-                    if would_block(&e) || e.kind() == ErrorKind::Interrupted {
-                        Ok(moved)
-                    } else {
-                        // ECONNRESET and the like: as if the engine closed.
-                        self.plain_eof = true;
-                        Ok(moved + 1)
-                    }
+                Err(e) if would_block(&e) => {
+                    self.plain_in = false;
+                    Ok(moved)
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => Ok(moved),
+                // ECONNRESET and the like: as if the engine closed.
+                Err(_) => {
+                    self.plain_eof = true;
+                    Ok(moved + 1)
                 }
             };
         }
@@ -708,6 +744,25 @@ impl Conn {
             moved += 1 + self.flush_tls()?;
         }
         Ok(moved)
+    }
+
+    /// Notes what an epoll event says of one side's readiness.
+    fn note_readiness(&mut self, side: u64, events: EpollFlags) {
+        let input = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLHUP
+            | EpollFlags::EPOLLERR;
+        let output = EpollFlags::EPOLLOUT | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+        let (r, w) = if side == SIDE_TCP {
+            (&mut self.tcp_in, &mut self.tcp_out)
+        } else {
+            (&mut self.plain_in, &mut self.plain_out)
+        };
+        *r |= events.intersects(input);
+        *w |= events.intersects(output);
+        if side == SIDE_PLAIN && events.intersects(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP) {
+            self.plain_rdhup = true;
+        }
     }
 
     /// The terminator stops: what can move without waiting moves, then an
@@ -872,6 +927,9 @@ fn run(shared: &Shared, epoll: &Epoll) {
                 continue;
             }
             let id = data >> 1;
+            if let Some(c) = conns.get_mut(&id) {
+                c.note_readiness(data & 1, ev.events());
+            }
             if data & 1 == SIDE_PLAIN
                 && ev.events().contains(EpollFlags::EPOLLHUP)
                 && let Some(c) = conns.get_mut(&id)
