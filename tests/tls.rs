@@ -157,6 +157,11 @@ fn load_server_config_accepts_pkcs8_sec1_pkcs1_and_chains() {
             .unwrap();
         client.handshake(DEADLINE);
         assert_eq!(client.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+        // The client prefers AES-256; the server's choice, the cheaper AES-128, wins.
+        assert_eq!(
+            client.conn.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
         let echoed = echo(plain);
         assert_eq!(client.transfer(b"ping", 4, DEADLINE), b"ping");
         client.close();
