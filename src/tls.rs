@@ -399,6 +399,9 @@ struct Conn {
     plain_rdhup: bool,
     /// The viewer sends nothing more (FIN or close_notify).
     tcp_eof: bool,
+    /// rustls took input since its plaintext was last taken: there may be some, or
+    /// an end to notice.
+    news: bool,
     /// EOF given to the engine (after everything the viewer sent).
     plain_write_shut: bool,
     /// The engine writes nothing more (its EOF was read).
@@ -445,6 +448,7 @@ impl Conn {
             plain_out: true,
             plain_rdhup: false,
             tcp_eof: false,
+            news: true,
             plain_write_shut: false,
             plain_eof: false,
             plain_gone: false,
@@ -644,6 +648,7 @@ impl Conn {
         if !self.tcp_in {
             return Ok(0);
         }
+        self.news = true;
         let n = match self.tls.read_tls(&mut self.tcp) {
             Ok(0) => {
                 self.tcp_eof = true;
@@ -667,6 +672,9 @@ impl Conn {
     /// Moves the plaintext rustls decrypted into `to_plain` (dropped if the engine's
     /// end is gone); notes the viewer's end (close_notify, or TCP closed without it).
     fn take_plaintext(&mut self) -> usize {
+        if !std::mem::take(&mut self.news) {
+            return 0;
+        }
         let mut chunk = [0u8; CHUNK];
         let mut got = 0;
         loop {
