@@ -636,3 +636,68 @@ fn dropping_the_terminator_closes_everything() {
     let mut buf = [0u8; 1];
     assert_eq!(silent.read(&mut buf).unwrap_or(0), 0);
 }
+
+/// Through the terminator a stalled TLS viewer is a slow client to the engine: its
+/// plaintext end fills, `rsmultifdsink` removes it (`slow`), and a TLS viewer that
+/// reads gets every byte meanwhile.
+#[test]
+fn a_stalled_tls_viewer_is_a_slow_client_to_the_engine() {
+    use common::{Event, Recorder, SinkHarness, harness};
+    use std::os::fd::AsRawFd;
+    let s = setup();
+    let mut h = harness("rsmultifdsink", &[("units-max", "40")]);
+    let rec = Recorder::attach(&h.sink());
+    h.set_src_caps_str(common::CHECK_CAPS);
+
+    let (mut reader, reader_plain) = s.established();
+    let stalled_tcp = connect_small_rcvbuf(s.addr);
+    let mut stalled = TlsClient::over(stalled_tcp, s.pki.client_config());
+    let (server_tcp, _) = s.listener.accept().unwrap();
+    setsockopt(&server_tcp, sockopt::SndBuf, &65536).unwrap();
+    let stalled_plain = s
+        .term
+        .wrap(server_tcp, Vec::new(), Instant::now() + DEADLINE)
+        .unwrap();
+    stalled.handshake(DEADLINE);
+    s.wait_counts(counts(0, 2, 2));
+    h.add_fd(reader_plain.as_raw_fd());
+    h.add_fd(stalled_plain.as_raw_fd());
+
+    const BUFFERS: usize = 200;
+    const SIZE: usize = 64 * 1024;
+    let total = BUFFERS * SIZE;
+    let reading = std::thread::spawn(move || {
+        let got = reader.read_exact(total, LONG);
+        (reader, got)
+    });
+    for i in 0..BUFFERS {
+        h.push_bytes(&pattern(i * SIZE, SIZE), false);
+    }
+    let (reader, got) = reading.join().unwrap();
+    assert!(
+        got == pattern(0, total),
+        "the reading viewer's bytes differ"
+    );
+    let stalled_fd = stalled_plain.as_raw_fd();
+    rec.wait_for("the stalled viewer removed as slow", |e| {
+        e.contains(&Event::Removed(stalled_fd, "slow".into()))
+    });
+    assert!(
+        !rec.events()
+            .contains(&Event::Removed(reader_plain.as_raw_fd(), "slow".into())),
+        "{:?}",
+        rec.events()
+    );
+    // The application closes the fd it handed over: the terminator drops the
+    // connection (within its linger) and keeps the other.
+    rec.wait_fd_removed(stalled_fd);
+    drop(stalled_plain);
+    wait_until("the stalled connection closed", LONG, || {
+        s.counts() == counts(0, 1, 1)
+    });
+    drop(stalled);
+    h.stop();
+    drop(reader_plain);
+    drop(reader);
+    s.wait_counts(counts(0, 0, 0));
+}
