@@ -1,0 +1,361 @@
+// SPDX-License-Identifier: MPL-2.0
+
+//! The per-port hub of `rstcpserversink`: the listening sockets of one host and
+//! port and the thread that serves them, shared by every element in the process
+//! that listens there.
+//!
+//! An element joins at NULL→READY ([`join`]): the first one for a `(host, port)`
+//! binds the sockets and starts the hub's thread (with its own epoll); later ones
+//! with the same host and port register their mount on it. Each holds a
+//! [`Membership`]; dropping it (READY→NULL) takes its mount off, and the last one
+//! out stops the thread and closes the listening sockets, so the port stays open
+//! while any element is in READY or above. `port=0` always makes a hub of its own.
+//!
+//! The thread (`io`) accepts, reads the optional PROXY header and the request
+//! head, routes the request by mount, applies that element's policy, answers, and
+//! hands the socket to the element through its [`MountTarget`], the only way the
+//! hub reaches an element. Settings that act before a request is routed are the
+//! port's: those of the element that came first; a later element that differs in
+//! one fails to join, naming it.
+
+mod io;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::{Instant, SystemTime};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::access_log::AccessEntry;
+use crate::engine::LogLevel;
+use crate::metrics::MountFigures;
+use crate::server::{self, PortSettings, ServerConfig};
+
+/// How the hub reaches one element: hand it a client, ask its figures, tell it
+/// what was answered (for its counters and access log), log as it.
+pub trait MountTarget: Send + Sync {
+    /// Makes the answered connection `socket` a client of the element, which from
+    /// now on owns it (and closes it once its engine forgot it). False if the
+    /// element did not take it (it is stopping); the socket is closed then.
+    fn hand_over(&self, socket: OwnedFd, client: ClientInfo) -> bool;
+    /// Its clients now.
+    fn client_count(&self) -> usize;
+    /// Its clients from `ip` (by the client's address: the PROXY header's, if any).
+    fn clients_from(&self, ip: IpAddr) -> usize;
+    /// Its IO threads are overloaded and it refuses new clients.
+    fn refusing_clients(&self) -> bool;
+    /// Its figures for the metrics.
+    fn figures(&self) -> MountFigures;
+    /// A request to it was answered without becoming a client (`refused`: an
+    /// error status or a redirect; otherwise HEAD, a preflight, the metrics).
+    fn answered(&self, entry: &AccessEntry<'_>, refused: bool);
+    /// Diagnostics, as the element logs them (`log!` works on it).
+    fn log(&self, level: LogLevel, args: fmt::Arguments<'_>);
+}
+
+/// What the element keeps about a client the hub handed over.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The client's address: the PROXY header's source, else the socket's peer.
+    pub address: SocketAddr,
+    /// The socket's peer (the load balancer, behind one).
+    pub socket_peer: SocketAddr,
+    /// When the connection was accepted.
+    pub started: SystemTime,
+    pub started_at: Instant,
+    /// The request line; `None` for raw TCP.
+    pub request_line: Option<String>,
+    pub referer: Option<String>,
+    pub user_agent: Option<String>,
+    /// The token's subject.
+    pub user: Option<String>,
+    /// Bytes of the response head written before the stream.
+    pub head_bytes: u64,
+}
+
+/// One element on the port.
+#[derive(Clone)]
+struct Mount {
+    id: u64,
+    config: Arc<Mutex<ServerConfig>>,
+    target: Arc<dyn MountTarget>,
+}
+
+/// What the hub's thread and the elements share.
+struct Shared {
+    /// In the order they joined: the first one's settings are the port's.
+    mounts: Mutex<Vec<Mount>>,
+    stop: AtomicBool,
+    /// Written to make the thread look at what changed (caps, mounts, stop).
+    waker: EventFd,
+}
+
+impl Shared {
+    fn wake(&self) {
+        let _ = self.waker.write(1);
+    }
+
+    fn mounts(&self) -> Vec<Mount> {
+        self.mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The listening sockets of one host and port, and their thread.
+pub struct Hub {
+    shared: Arc<Shared>,
+    /// Its entry in the table; `None` for port 0 (never shared).
+    key: Option<PortKey>,
+    settings: PortSettings,
+    http: bool,
+    addrs: Vec<SocketAddr>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A shared hub's key: the host and port elements ask for.
+type PortKey = (String, u16);
+
+/// Every shared hub of the process.
+static HUBS: LazyLock<Mutex<HashMap<PortKey, Weak<Hub>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+static NEXT_MOUNT: AtomicU64 = AtomicU64::new(1);
+
+fn hubs() -> std::sync::MutexGuard<'static, HashMap<PortKey, Weak<Hub>>> {
+    HUBS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Drop for Hub {
+    /// The last element left: stop the thread, which closes the listening sockets
+    /// and the connections not handed over yet.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.wake();
+        if let Some(thread) = self.thread.take()
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+        if let Some(key) = &self.key {
+            let mut table = hubs();
+            // Another hub may have taken the key since (after this one's last
+            // element left): only a dead entry is ours.
+            if table.get(key).is_some_and(|w| w.strong_count() == 0) {
+                table.remove(key);
+            }
+        }
+    }
+}
+
+/// An element's place on a port; dropping it takes the element off.
+pub struct Membership {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Membership {
+    /// The port actually bound.
+    pub fn port(&self) -> u16 {
+        self.hub.addrs.first().map_or(0, |a| a.port())
+    }
+
+    /// The addresses listened on.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.hub.addrs
+    }
+
+    /// Makes the hub look again at what changed (the caps arrived: requests that
+    /// waited for them are answered).
+    pub fn wake(&self) {
+        self.hub.shared.wake();
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub
+            .shared
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|m| m.id != self.id);
+        self.hub.shared.wake();
+        // Dropping `hub` next stops it if this was the last element.
+    }
+}
+
+/// Why an element cannot be on a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinError {
+    /// Another element serves the port in a way this one cannot share.
+    Conflict(String),
+    /// The port cannot be bound (in use, no such address) or served.
+    Listen(String),
+}
+
+impl fmt::Display for JoinError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JoinError::Conflict(s) | JoinError::Listen(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Puts an element (its policy `config`, reached through `target`) on the port
+/// `settings` name: on the hub already there, or on a new one. The error says why
+/// it cannot (the port is taken, a setting differs from the port's, the mount is
+/// served already).
+pub fn join(
+    settings: &PortSettings,
+    config: Arc<Mutex<ServerConfig>>,
+    target: Arc<dyn MountTarget>,
+) -> Result<Membership, JoinError> {
+    let id = NEXT_MOUNT.fetch_add(1, Ordering::Relaxed);
+    let mine = config.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mount = Mount { id, config, target };
+    let key = (settings.host.clone(), settings.port);
+    let mut table = hubs();
+    let existing = if settings.port == 0 {
+        None
+    } else {
+        table.get(&key).and_then(Weak::upgrade)
+    };
+    if let Some(hub) = existing {
+        let checked = compatible(&hub, settings, &mine);
+        if let Err(e) = checked {
+            drop(table);
+            // The hub may go with this reference (its last element left meanwhile):
+            // dropped without the table's lock, which its drop takes.
+            drop(hub);
+            return Err(JoinError::Conflict(e));
+        }
+        hub.shared
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(mount);
+        hub.shared.wake();
+        return Ok(Membership { hub, id });
+    }
+    let hub = Arc::new(start(settings, mine.http, mount).map_err(JoinError::Listen)?);
+    if settings.port != 0 {
+        table.insert(key, Arc::downgrade(&hub));
+    }
+    Ok(Membership { hub, id })
+}
+
+/// Whether an element with `settings` and `config` may join `hub`.
+fn compatible(hub: &Hub, settings: &PortSettings, config: &ServerConfig) -> Result<(), String> {
+    let port = format!("{}:{}", settings.host, settings.port);
+    if !hub.http || !config.http {
+        return Err(format!(
+            "{port} is already served by another rstcpserversink; elements share a port only with http=true"
+        ));
+    }
+    let mounts = hub.shared.mounts();
+    let first = mounts
+        .first()
+        .map(|m| m.config.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    let differs = |name: &str, here: String, there: String| {
+        Err(format!(
+            "{name} is {here} here but {there} on the element already serving {port}; elements sharing a port must agree on it"
+        ))
+    };
+    let ours = &hub.settings;
+    if settings.backlog != ours.backlog {
+        return differs(
+            "listen-backlog",
+            settings.backlog.to_string(),
+            ours.backlog.to_string(),
+        );
+    }
+    if settings.proxy_protocol != ours.proxy_protocol {
+        return differs(
+            "proxy-protocol",
+            settings.proxy_protocol.to_string(),
+            ours.proxy_protocol.to_string(),
+        );
+    }
+    if settings.max_pending != ours.max_pending {
+        return differs(
+            "max-pending",
+            settings.max_pending.to_string(),
+            ours.max_pending.to_string(),
+        );
+    }
+    if let Some(first) = &first {
+        if config.header_timeout != first.header_timeout {
+            return differs(
+                "header-timeout",
+                config.header_timeout.as_nanos().to_string(),
+                first.header_timeout.as_nanos().to_string(),
+            );
+        }
+        if config.max_header_size != first.max_header_size {
+            return differs(
+                "max-header-size",
+                config.max_header_size.to_string(),
+                first.max_header_size.to_string(),
+            );
+        }
+    }
+    for m in &mounts {
+        let other = m
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mount
+            .clone();
+        if other == config.mount {
+            return Err(match &config.mount {
+                Some(path) => format!("mount {path} is already served on {port}"),
+                None => format!(
+                    "another element without mount already serves any path on {port}; set mount"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Binds the port and starts its thread with `first` on it.
+fn start(settings: &PortSettings, http: bool, first: Mount) -> Result<Hub, String> {
+    let listeners = server::bind_listeners(&settings.host, settings.port, settings.backlog)
+        .map_err(|e| format!("cannot listen on {}:{}: {e}", settings.host, settings.port))?;
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let waker = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+        .map_err(|e| format!("cannot make the hub's waker: {e}"))?;
+    let shared = Arc::new(Shared {
+        mounts: Mutex::new(vec![first]),
+        stop: AtomicBool::new(false),
+        waker,
+    });
+    let io = io::Io::new(shared.clone(), listeners, settings.clone())
+        .map_err(|e| format!("cannot watch the listening sockets: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name(format!(
+            "rstcpserversink-{}",
+            addrs.first().map_or(0, |a| a.port())
+        ))
+        .spawn(move || io.run())
+        .map_err(|e| format!("cannot start the listening thread: {e}"))?;
+    let key = (settings.port != 0).then(|| (settings.host.clone(), settings.port));
+    Ok(Hub {
+        shared,
+        key,
+        settings: settings.clone(),
+        http,
+        addrs,
+        thread: Some(thread),
+    })
+}
