@@ -403,6 +403,113 @@ fn max_pending_drops_the_oldest_requestless_connections() {
     h.stop();
 }
 
+/// A flood: 1000 connections that never finish a request (nothing, half a request,
+/// half a PROXY-less head) against `max-pending=64` while 100 clients play; every
+/// playing client gets every byte, at most 64 flood connections stay open, and a
+/// real request still gets in afterwards.
+#[test]
+fn requestless_flood_under_max_pending_does_not_disturb_100_clients() {
+    let (mut h, port) = server(&[("max-pending", "64")]);
+    let mut playing = Vec::new();
+    for k in 0..100 {
+        playing.push(get(port, "/"));
+        wait_handles(&h.sink(), k + 1);
+    }
+    h.push_bytes(&b16(0), false);
+    let want = [b"<h>".as_slice(), &b16(0)].concat();
+    for c in &playing {
+        let (head, mut rest) = read_head(c);
+        assert_eq!(head, format!("{STREAM_HEAD}\r\n"));
+        if rest.len() < want.len() {
+            rest.extend(read_exact(c, want.len() - rest.len()));
+        }
+        assert_eq!(rest, want);
+    }
+    let mut flood = Vec::new();
+    let mut i = 1;
+    for k in 0..1000 {
+        flood.push(match k % 3 {
+            0 => connect(port),
+            1 => send(connect(port), b"GET / HTTP/1.1\r\n"),
+            _ => send(connect(port), b"G"),
+        });
+        if k % 100 == 99 {
+            let refs: Vec<&TcpStream> = playing.iter().collect();
+            push_and_check(&mut h, &refs, i);
+            i += 1;
+        }
+    }
+    // All but the newest 64 are closed without an answer.
+    for (k, s) in flood.iter().take(1000 - 64).enumerate() {
+        assert!(read_until_closed(s).0.is_empty(), "flood connection {k}");
+    }
+    for s in &flood[1000 - 64..] {
+        assert_nothing_readable(s);
+    }
+    let refs: Vec<&TcpStream> = playing.iter().collect();
+    push_and_check(&mut h, &refs, i);
+    assert_eq!(handles(&h.sink()), 100);
+    let late = play(&mut h, port, "/", 101, i + 1);
+    for c in &playing {
+        assert_eq!(read_exact(c, 16), b16(i + 1));
+    }
+    push_and_check(&mut h, &[&late], i + 2);
+    h.stop();
+}
+
+/// With `proxy-protocol`, connections still sending their PROXY header are
+/// pending too: beyond `max-pending` the oldest goes.
+#[test]
+fn max_pending_counts_connections_reading_the_proxy_header() {
+    let (mut h, port) = server(&[("proxy-protocol", "true"), ("max-pending", "2")]);
+    let partial: Vec<TcpStream> = (0..3)
+        .map(|_| send(connect(port), b"PROXY TCP4 192.0.2."))
+        .collect();
+    assert!(read_until_closed(&partial[0]).0.is_empty());
+    for s in &partial[1..] {
+        assert_nothing_readable(s);
+    }
+    let mut v1 = b"PROXY TCP4 192.0.2.7 127.0.0.1 5000 8080\r\n".to_vec();
+    v1.extend(get_request("/"));
+    let client = play_on(&mut h, send(connect(port), &v1), 1, 0);
+    assert!(read_until_closed(&partial[1]).0.is_empty());
+    assert_nothing_readable(&partial[2]);
+    push_and_check(&mut h, &[&client], 1);
+    h.stop();
+}
+
+/// On a dual-stack socket (`host=::`) an IPv4 client's address is written as IPv4
+/// (not `::ffff:127.0.0.1`) in the access log and counted as such per address.
+#[test]
+fn ipv4_mapped_addresses_are_written_as_ipv4() {
+    if TcpListener::bind("[::]:0").is_err() {
+        eprintln!("SKIPPED ipv4_mapped_addresses_are_written_as_ipv4: no IPv6 on this machine");
+        return;
+    }
+    let log = temp_path("access.log");
+    let mut h = harness(
+        "rstcpserversink",
+        &[
+            ("host", "::"),
+            ("port", "0"),
+            ("http", "true"),
+            ("max-clients-per-ip", "1"),
+            ("access-log", log.to_str().unwrap()),
+        ],
+    );
+    let port = current_port(&h.sink());
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
+    let client = play(&mut h, port, "/", 1, 0);
+    assert_answer(&get(port, "/"), &refusal("429 Too Many Requests", ""));
+    drop(client);
+    wait_handles(&h.sink(), 0);
+    let lines = wait_lines(&log, 2);
+    for line in &lines {
+        assert_eq!(fields(line).address, "127.0.0.1", "{line}");
+    }
+    h.stop();
+}
+
 // ---------------------------------------------------------------------------
 // 4. PROXY protocol
 // ---------------------------------------------------------------------------
