@@ -359,3 +359,150 @@ fn start(settings: &PortSettings, http: bool, first: Mount) -> Result<Hub, Strin
         thread: Some(thread),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The hub without GStreamer: fake elements that keep what they are handed.
+
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Fake {
+        sockets: Mutex<Vec<OwnedFd>>,
+        answered: Mutex<Vec<u16>>,
+    }
+
+    impl MountTarget for Fake {
+        fn hand_over(&self, socket: OwnedFd, _client: ClientInfo) -> bool {
+            self.sockets.lock().unwrap().push(socket);
+            true
+        }
+        fn client_count(&self) -> usize {
+            self.sockets.lock().unwrap().len()
+        }
+        fn clients_from(&self, _ip: IpAddr) -> usize {
+            0
+        }
+        fn refusing_clients(&self) -> bool {
+            false
+        }
+        fn figures(&self) -> MountFigures {
+            MountFigures::default()
+        }
+        fn answered(&self, entry: &AccessEntry<'_>, _refused: bool) {
+            self.answered.lock().unwrap().push(entry.status);
+        }
+        fn log(&self, _level: LogLevel, _args: fmt::Arguments<'_>) {}
+    }
+
+    fn policy(mount: &str) -> Arc<Mutex<ServerConfig>> {
+        Arc::new(Mutex::new(ServerConfig {
+            http: true,
+            mount: Some(mount.into()),
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        }))
+    }
+
+    fn port_settings(port: u16) -> PortSettings {
+        PortSettings {
+            host: "127.0.0.1".into(),
+            port,
+            backlog: 16,
+            proxy_protocol: false,
+            max_pending: 0,
+        }
+    }
+
+    /// The status line the server answers `GET path` with.
+    fn status_of(port: u16, path: &str) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.windows(2).any(|w| w == b"\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&got);
+        text.split("\r\n").next().unwrap().to_string()
+    }
+
+    /// Waits until the fake holds `n` sockets.
+    fn wait_sockets(fake: &Fake, n: usize) {
+        let start = Instant::now();
+        while fake.sockets.lock().unwrap().len() != n {
+            assert!(start.elapsed() < Duration::from_secs(10), "not handed over");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn elements_share_a_port_by_mount_until_the_last_one_leaves() {
+        let a_fake = Arc::new(Fake::default());
+        let b_fake = Arc::new(Fake::default());
+        let a = join(&port_settings(0), policy("/a"), a_fake.clone()).unwrap();
+        let port = a.port();
+        // Port 0 is never shared: join the port it got by its number.
+        let b_alone = join(&port_settings(0), policy("/b"), b_fake.clone()).unwrap();
+        assert_ne!(b_alone.port(), port);
+        drop(b_alone);
+        drop(a);
+        let a = join(&port_settings(port), policy("/a"), a_fake.clone()).unwrap();
+        let b = join(&port_settings(port), policy("/b"), b_fake.clone()).unwrap();
+        assert_eq!(b.port(), port);
+        assert_eq!(status_of(port, "/a"), "HTTP/1.0 200 OK");
+        wait_sockets(&a_fake, 1);
+        assert_eq!(status_of(port, "/b"), "HTTP/1.0 200 OK");
+        wait_sockets(&b_fake, 1);
+        // A path nobody has is answered as the port's first element.
+        assert_eq!(status_of(port, "/c"), "HTTP/1.0 404 Not Found");
+        assert_eq!(*a_fake.answered.lock().unwrap(), [404]);
+        drop(a);
+        assert_eq!(status_of(port, "/a"), "HTTP/1.0 404 Not Found");
+        assert_eq!(*b_fake.answered.lock().unwrap(), [404]);
+        assert_eq!(status_of(port, "/b"), "HTTP/1.0 200 OK");
+        wait_sockets(&b_fake, 2);
+        drop(b);
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+    }
+
+    #[test]
+    fn a_port_refuses_elements_it_cannot_share_with() {
+        let first = join(&port_settings(0), policy("/a"), Arc::new(Fake::default())).unwrap();
+        let port = first.port();
+        // Kept in the table under its number only when asked for by number.
+        drop(first);
+        let first = join(
+            &port_settings(port),
+            policy("/a"),
+            Arc::new(Fake::default()),
+        )
+        .unwrap();
+        let same_mount = join(
+            &port_settings(port),
+            policy("/a"),
+            Arc::new(Fake::default()),
+        );
+        assert!(matches!(&same_mount, Err(JoinError::Conflict(e)) if e.contains("mount /a")));
+        let backlog = PortSettings {
+            backlog: 5,
+            ..port_settings(port)
+        };
+        let other_backlog = join(&backlog, policy("/b"), Arc::new(Fake::default()));
+        assert!(
+            matches!(&other_backlog, Err(JoinError::Conflict(e)) if e.contains("listen-backlog"))
+        );
+        let raw = Arc::new(Mutex::new(ServerConfig::default()));
+        let raw_joins = join(&port_settings(port), raw, Arc::new(Fake::default()));
+        assert!(matches!(&raw_joins, Err(JoinError::Conflict(e)) if e.contains("http=true")));
+        drop(first);
+    }
+}
