@@ -14,6 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -987,6 +988,22 @@ fn token(secret: &str, claims: &str) -> String {
 /// never reach the access log.
 #[test]
 fn jwt_tokens_accepted_and_refused() {
+    init();
+    // Everything the elements log at any level (GST_DEBUG=rs*:9), to look for tokens.
+    let debug_log = Arc::new(Mutex::new(String::new()));
+    let collector = {
+        let debug_log = debug_log.clone();
+        gst::log::add_log_function(move |category, _, _, _, _, _, message| {
+            if category.name().starts_with("rs")
+                && let Some(text) = message.get()
+            {
+                let mut all = debug_log.lock().unwrap();
+                all.push_str(text.as_str());
+                all.push('\n');
+            }
+        })
+    };
+    gst::log::set_threshold_for_name("rs*", gst::DebugLevel::Memdump);
     let log = temp_path("access.log");
     let (mut h, port) = server(&[
         ("auth-jwt-secret", "s3cret"),
@@ -1049,6 +1066,23 @@ fn jwt_tokens_accepted_and_refused() {
         2,
         "{text}"
     );
+    gst::log::remove_log_function(collector);
+    gst::log::unset_threshold_for_name("rs*");
+    let debug_log = debug_log.lock().unwrap().clone();
+    assert!(
+        debug_log.contains("refused with 401 Unauthorized (token expired)"),
+        "{debug_log}"
+    );
+    for secret in std::iter::once(&good)
+        .chain(&bad[1..])
+        .map(String::as_str)
+        .chain(["s3cret"])
+    {
+        assert!(
+            !debug_log.contains(secret),
+            "`{secret}` in the debug log:\n{debug_log}"
+        );
+    }
     h.stop();
 }
 
