@@ -19,7 +19,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::{ClientInfo, Mount, MountTarget, Shared};
+use super::{ClientInfo, Mount, MountTarget, Shared, Wrap};
 use crate::access_log::AccessEntry;
 use crate::engine::log;
 use crate::http::{self, Method, Parsed, Request};
@@ -45,7 +45,6 @@ const BAD_LINE_MAX: usize = 256;
 /// client's socket.
 pub(super) enum Socket {
     Tcp(TcpStream),
-    #[allow(dead_code)] // the TLS terminator's plaintext end
     Unix(UnixStream),
 }
 
@@ -122,16 +121,6 @@ struct Pending {
     accepted_wall: SystemTime,
 }
 
-impl Pending {
-    /// The PROXY header, if any, is read: the request comes next. The one place
-    /// where TLS will wrap the connection: a terminator takes `socket` and the bytes
-    /// already read after the PROXY header (`buf`, ciphertext then), and gives back
-    /// the plaintext end of a socketpair as `Socket::Unix` with `buf` empty.
-    fn start_request(&mut self) {
-        self.stage = Stage::Request;
-    }
-}
-
 /// A refused connection: its answer goes out, then it is drained and closed.
 struct Closing {
     socket: Socket,
@@ -151,6 +140,8 @@ pub(super) struct Io {
     pending: BTreeMap<u64, Pending>,
     next_connection: u64,
     closing: Vec<Closing>,
+    /// What the port does to each connection before its request (TLS).
+    wrap: Option<Wrap>,
 }
 
 /// What a request is answered for: the element it was routed to (or the port's
@@ -165,6 +156,7 @@ impl Io {
         shared: Arc<Shared>,
         listeners: Vec<TcpListener>,
         settings: PortSettings,
+        wrap: Option<Wrap>,
     ) -> std::io::Result<Io> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(&shared.waker, EpollEvent::new(EpollFlags::EPOLLIN, WAKER))?;
@@ -177,6 +169,7 @@ impl Io {
             pending: BTreeMap::new(),
             next_connection: 0,
             closing: Vec::new(),
+            wrap,
         };
         io.watch_listeners()?;
         Ok(io)
@@ -355,7 +348,7 @@ impl Io {
             log!(target, Warning, "cannot watch connection from {peer}: {e}");
             return;
         }
-        let mut p = Pending {
+        let p = Pending {
             socket: Socket::Tcp(stream),
             client: peer,
             peer,
@@ -365,10 +358,10 @@ impl Io {
             accepted: now,
             accepted_wall: SystemTime::now(),
         };
-        if !self.settings.proxy_protocol {
-            p.start_request();
-        }
         self.pending.insert(token, p);
+        if !self.settings.proxy_protocol && !self.start_request(token) {
+            return;
+        }
         // Data may already be there: read now.
         self.read_connection(token);
     }
@@ -445,16 +438,25 @@ impl Io {
                         header.version,
                         p.client
                     );
-                    // What came after the header is the start of the request.
+                    // What came after the header is the start of the request
+                    // (or of the TLS handshake).
                     p.buf.drain(..header.consumed);
-                    p.start_request();
-                    fresh = p.buf.len();
-                    if p.buf.is_empty() {
-                        return;
-                    }
                 }
             }
+            if !self.start_request(token) {
+                return;
+            }
+            let Some(again) = self.pending.get_mut(&token) else {
+                return;
+            };
+            fresh = again.buf.len();
+            if fresh == 0 {
+                return;
+            }
         }
+        let Some(p) = self.pending.get_mut(&token) else {
+            return;
+        };
         let max_head = first.config.max_header_size;
         // Parse again only when the head may have ended (or grown too large, or
         // just started), so a slow large head costs linear time.
@@ -852,6 +854,51 @@ impl Io {
                 let routed = self.route(&req.path).unwrap_or(first);
                 let r = Refused::new(503, "Service Unavailable", "the stream has not started");
                 self.refuse(token, routed, Some(&req), r);
+            }
+        }
+    }
+
+    /// The connection's PROXY header, if any, is read: the request comes next. The
+    /// one place where a port's `wrap` (TLS) takes the TCP connection and the bytes
+    /// read after the PROXY header, and gives back the plaintext end of a
+    /// socketpair, which is watched from then on instead. False if the connection
+    /// is gone (it could not be wrapped).
+    fn start_request(&mut self, token: u64) -> bool {
+        let Some(p) = self.pending.get_mut(&token) else {
+            return false;
+        };
+        p.stage = Stage::Request;
+        let Some(wrap) = self.wrap.clone() else {
+            return true;
+        };
+        let Some(mut p) = self.take_pending(token) else {
+            return false;
+        };
+        let Socket::Tcp(tcp) = p.socket else {
+            unreachable!("only TCP connections are accepted");
+        };
+        let target = self.first().map(|f| f.mount.target);
+        match wrap(tcp, std::mem::take(&mut p.buf), p.deadline) {
+            Ok(plain) => {
+                p.socket = Socket::Unix(plain);
+                let event = EpollEvent::new(
+                    EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP,
+                    CONNECTION + token,
+                );
+                if let Err(e) = self.epoll.add(&p.socket, event) {
+                    if let Some(t) = &target {
+                        log!(t, Warning, "cannot watch connection from {}: {e}", p.client);
+                    }
+                    return false;
+                }
+                self.pending.insert(token, p);
+                true
+            }
+            Err(e) => {
+                if let Some(t) = &target {
+                    log!(t, Info, "{}: cannot be wrapped: {e}; closed", p.client);
+                }
+                false
             }
         }
     }

@@ -58,6 +58,17 @@ pub trait MountTarget: Send + Sync {
     fn log(&self, level: LogLevel, args: fmt::Arguments<'_>);
 }
 
+/// What a port does to each connection once its PROXY header (if any) is read and
+/// before its request: takes the TCP connection, the bytes already read after the
+/// PROXY header and the request's deadline, and gives back the plaintext end of a
+/// socketpair that stands for the client from then on (a TLS terminator). An error
+/// closes the connection.
+pub type Wrap = Arc<
+    dyn Fn(std::net::TcpStream, Vec<u8>, Instant) -> std::io::Result<std::os::unix::net::UnixStream>
+        + Send
+        + Sync,
+>;
+
 /// What the element keeps about a client the hub handed over.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -209,13 +220,15 @@ impl fmt::Display for JoinError {
 }
 
 /// Puts an element (its policy `config`, reached through `target`) on the port
-/// `settings` name: on the hub already there, or on a new one. The error says why
+/// `settings` name: on the hub already there, or on a new one, which wraps its
+/// connections with what `make_wrap` makes (called only then). The error says why
 /// it cannot (the port is taken, a setting differs from the port's, the mount is
-/// served already).
+/// served already, `make_wrap` failed).
 pub fn join(
     settings: &PortSettings,
     config: Arc<Mutex<ServerConfig>>,
     target: Arc<dyn MountTarget>,
+    make_wrap: impl FnOnce() -> Result<Option<Wrap>, String>,
 ) -> Result<Membership, JoinError> {
     let id = NEXT_MOUNT.fetch_add(1, Ordering::Relaxed);
     let mine = config.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -244,7 +257,8 @@ pub fn join(
         hub.shared.wake();
         return Ok(Membership { hub, id });
     }
-    let hub = Arc::new(start(settings, mine.http, mount).map_err(JoinError::Listen)?);
+    let wrap = make_wrap().map_err(JoinError::Listen)?;
+    let hub = Arc::new(start(settings, mine.http, mount, wrap).map_err(JoinError::Listen)?);
     if settings.port != 0 {
         table.insert(key, Arc::downgrade(&hub));
     }
@@ -326,7 +340,12 @@ fn compatible(hub: &Hub, settings: &PortSettings, config: &ServerConfig) -> Resu
 }
 
 /// Binds the port and starts its thread with `first` on it.
-fn start(settings: &PortSettings, http: bool, first: Mount) -> Result<Hub, String> {
+fn start(
+    settings: &PortSettings,
+    http: bool,
+    first: Mount,
+    wrap: Option<Wrap>,
+) -> Result<Hub, String> {
     let listeners = server::bind_listeners(&settings.host, settings.port, settings.backlog)
         .map_err(|e| format!("cannot listen on {}:{}: {e}", settings.host, settings.port))?;
     let addrs: Vec<SocketAddr> = listeners
@@ -340,7 +359,7 @@ fn start(settings: &PortSettings, http: bool, first: Mount) -> Result<Hub, Strin
         stop: AtomicBool::new(false),
         waker,
     });
-    let io = io::Io::new(shared.clone(), listeners, settings.clone())
+    let io = io::Io::new(shared.clone(), listeners, settings.clone(), wrap)
         .map_err(|e| format!("cannot watch the listening sockets: {e}"))?;
     let thread = std::thread::Builder::new()
         .name(format!(
@@ -399,6 +418,11 @@ mod tests {
         fn log(&self, _level: LogLevel, _args: fmt::Arguments<'_>) {}
     }
 
+    /// Connections as accepted (no TLS).
+    fn plain() -> Result<Option<Wrap>, String> {
+        Ok(None)
+    }
+
     fn policy(mount: &str) -> Arc<Mutex<ServerConfig>> {
         Arc::new(Mutex::new(ServerConfig {
             http: true,
@@ -448,15 +472,15 @@ mod tests {
     fn elements_share_a_port_by_mount_until_the_last_one_leaves() {
         let a_fake = Arc::new(Fake::default());
         let b_fake = Arc::new(Fake::default());
-        let a = join(&port_settings(0), policy("/a"), a_fake.clone()).unwrap();
+        let a = join(&port_settings(0), policy("/a"), a_fake.clone(), plain).unwrap();
         let port = a.port();
         // Port 0 is never shared: join the port it got by its number.
-        let b_alone = join(&port_settings(0), policy("/b"), b_fake.clone()).unwrap();
+        let b_alone = join(&port_settings(0), policy("/b"), b_fake.clone(), plain).unwrap();
         assert_ne!(b_alone.port(), port);
         drop(b_alone);
         drop(a);
-        let a = join(&port_settings(port), policy("/a"), a_fake.clone()).unwrap();
-        let b = join(&port_settings(port), policy("/b"), b_fake.clone()).unwrap();
+        let a = join(&port_settings(port), policy("/a"), a_fake.clone(), plain).unwrap();
+        let b = join(&port_settings(port), policy("/b"), b_fake.clone(), plain).unwrap();
         assert_eq!(b.port(), port);
         assert_eq!(status_of(port, "/a"), "HTTP/1.0 200 OK");
         wait_sockets(&a_fake, 1);
@@ -476,7 +500,13 @@ mod tests {
 
     #[test]
     fn a_port_refuses_elements_it_cannot_share_with() {
-        let first = join(&port_settings(0), policy("/a"), Arc::new(Fake::default())).unwrap();
+        let first = join(
+            &port_settings(0),
+            policy("/a"),
+            Arc::new(Fake::default()),
+            plain,
+        )
+        .unwrap();
         let port = first.port();
         // Kept in the table under its number only when asked for by number.
         drop(first);
@@ -484,25 +514,89 @@ mod tests {
             &port_settings(port),
             policy("/a"),
             Arc::new(Fake::default()),
+            plain,
         )
         .unwrap();
         let same_mount = join(
             &port_settings(port),
             policy("/a"),
             Arc::new(Fake::default()),
+            plain,
         );
         assert!(matches!(&same_mount, Err(JoinError::Conflict(e)) if e.contains("mount /a")));
         let backlog = PortSettings {
             backlog: 5,
             ..port_settings(port)
         };
-        let other_backlog = join(&backlog, policy("/b"), Arc::new(Fake::default()));
+        let other_backlog = join(&backlog, policy("/b"), Arc::new(Fake::default()), plain);
         assert!(
             matches!(&other_backlog, Err(JoinError::Conflict(e)) if e.contains("listen-backlog"))
         );
         let raw = Arc::new(Mutex::new(ServerConfig::default()));
-        let raw_joins = join(&port_settings(port), raw, Arc::new(Fake::default()));
+        let raw_joins = join(&port_settings(port), raw, Arc::new(Fake::default()), plain);
         assert!(matches!(&raw_joins, Err(JoinError::Conflict(e)) if e.contains("http=true")));
         drop(first);
+    }
+
+    /// Copies between `a` and `b` both ways until either side ends.
+    fn relay(a: std::net::TcpStream, b: std::os::unix::net::UnixStream) {
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        let (mut a, mut b) = (a, b);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut a, &mut b);
+            let _ = b.shutdown(std::net::Shutdown::Write);
+        });
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Write);
+        });
+    }
+
+    /// A port's `wrap` (where TLS goes) gets the TCP connection and the bytes read
+    /// after the PROXY header; the hub then reads the request from the plaintext
+    /// end it returned, answers on it and hands that end to the element.
+    #[test]
+    fn a_wrap_takes_the_connection_after_the_proxy_header() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let make_wrap = {
+            let seen = seen.clone();
+            move || -> Result<Option<Wrap>, String> {
+                Ok(Some(Arc::new(
+                    move |tcp: TcpStream, already_read: Vec<u8>, _deadline: Instant| {
+                        seen.lock().unwrap().push(already_read.clone());
+                        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+                        tcp.set_nonblocking(false)?;
+                        // A stand-in terminator: what came with the PROXY header
+                        // first, then everything as it is.
+                        (&ours).write_all(&already_read)?;
+                        relay(tcp, ours);
+                        theirs.set_nonblocking(true)?;
+                        Ok(theirs)
+                    },
+                )))
+            }
+        };
+        let fake = Arc::new(Fake::default());
+        let settings = PortSettings {
+            proxy_protocol: true,
+            ..port_settings(0)
+        };
+        let hub = join(&settings, policy("/a"), fake.clone(), make_wrap).unwrap();
+        let mut s = TcpStream::connect(("127.0.0.1", hub.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5000 80\r\nGET /a HTTP/1.0\r\n\r\n")
+            .unwrap();
+        let mut head = [0u8; 17];
+        s.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.0 200 OK\r\n");
+        wait_sockets(&fake, 1);
+        assert_eq!(*seen.lock().unwrap(), [b"GET /a HTTP/1.0\r\n\r\n".to_vec()]);
+        // What the element writes to the plaintext end reaches the client.
+        let end = fake.sockets.lock().unwrap().pop().unwrap();
+        std::fs::File::from(end).write_all(b"stream").unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        assert!(rest.ends_with(b"\r\n\r\nstream"), "{rest:?}");
+        drop(hub);
     }
 }

@@ -306,15 +306,18 @@ impl RsTcpServerSink {
             served: self.served.clone(),
             config: self.server_config.clone(),
         });
-        let membership = hub::join(&settings, self.server_config.clone(), target).map_err(|e| {
-            let settings_error = matches!(e, hub::JoinError::Conflict(_));
-            // The reason is the message itself: gst-launch-1.0 prints it as is.
-            if settings_error {
-                gst::error_msg!(gst::ResourceError::Settings, ("{}", e))
-            } else {
-                gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e))
-            }
-        })?;
+        // Connections are served as accepted (TLS, when it comes, wraps them here).
+        let plain = || Ok(None);
+        let membership =
+            hub::join(&settings, self.server_config.clone(), target, plain).map_err(|e| {
+                let settings_error = matches!(e, hub::JoinError::Conflict(_));
+                // The reason is the message itself: gst-launch-1.0 prints it as is.
+                if settings_error {
+                    gst::error_msg!(gst::ResourceError::Settings, ("{}", e))
+                } else {
+                    gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e))
+                }
+            })?;
         *self.current_port.lock().unwrap() = i32::from(membership.port());
         gst::info!(
             CAT,
