@@ -189,6 +189,89 @@ fn gdppay_carries_delta_unit_only_in_its_packet_headers() {
     );
 }
 
+/// Exact bytes through `rsmultifdsink` with `application/x-gdp` caps: a
+/// latest-keyframe client starts on the packet of a keyframe (flags from the
+/// packet header, the buffers pushed carry none, as from gdppay), and a
+/// HEADER-flagged packet that is not in the caps' streamheader (a superseded
+/// caps packet) is never sent as data, even to a client that takes whatever
+/// comes next.
+#[test]
+fn gdp_packets_place_clients_and_headers_stay_in_the_streamheader() {
+    use common::SinkHarness;
+    let mut h = common::harness("rsmultifdsink", &[("sync-method", "latest-keyframe")]);
+    let stream_start = gdp::packet(PayloadType::Event(0x280e), 0, None, b"stream-start\0");
+    let caps_now = gdp::packet(
+        PayloadType::Caps,
+        0,
+        None,
+        b"video/mpegts, streamheader=(buffer)< 47 >\0",
+    );
+    let caps_before = gdp::packet(PayloadType::Caps, 0, None, b"video/mpegts\0");
+    let header_array = gst::Array::new(
+        [&stream_start, &caps_now].map(|p| common::buffer(p, false, true).to_send_value()),
+    );
+    h.set_src_caps(
+        gst::Caps::builder("application/x-gdp")
+            .field("streamheader", header_array)
+            .build(),
+    );
+    let packet = |flags: u16, pts: u64, data: &[u8]| {
+        gdp::packet(PayloadType::Buffer, flags, Some(pts), data)
+    };
+    let key1 = packet(0, 0, b"key one");
+    let delta1 = packet(buffer_flags::DELTA_UNIT, 1, b"delta one");
+    let key2 = packet(0, 2, b"key two");
+    let delta2 = packet(buffer_flags::DELTA_UNIT, 3, b"delta two");
+    // The early client takes whatever comes next (sync-method latest).
+    let (early_read, early_write) = common::pipe();
+    let sync = h.sink().find_property("sync-method").unwrap();
+    let latest = gst::glib::EnumClass::with_type(sync.value_type())
+        .unwrap()
+        .to_value_by_nick("latest")
+        .unwrap();
+    h.sink().emit_by_name_with_values(
+        "add-full",
+        &[
+            common::raw(&early_write).to_value(),
+            latest,
+            gst::Format::Undefined.to_value(),
+            0u64.to_value(),
+            gst::Format::Undefined.to_value(),
+            0u64.to_value(),
+        ],
+    );
+    // What gdppay pushes: its queued HEADER packets (one superseded), then data,
+    // none of it flagged DELTA_UNIT.
+    for p in [&stream_start, &caps_before, &caps_now] {
+        h.push_ok(common::buffer(p, false, true));
+    }
+    for p in [&key1, &delta1, &key2, &delta2] {
+        h.push_ok(common::buffer(p, false, false));
+    }
+    let (late_read, late_write) = common::pipe();
+    h.add_fd(common::raw(&late_write));
+    let last = packet(buffer_flags::DELTA_UNIT, 4, b"delta three");
+    h.push_ok(common::buffer(&last, false, false));
+
+    let streamheader = [stream_start.clone(), caps_now.clone()].concat();
+    let early: Vec<u8> = [&streamheader, &key1, &delta1, &key2, &delta2, &last]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(common::read_exact(&early_read, early.len()), early);
+    // The late client starts on the newest keyframe's packet, not the newest packet.
+    let late: Vec<u8> = [&streamheader, &key2, &delta2, &last]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    assert_eq!(common::read_exact(&late_read, late.len()), late);
+    h.stop();
+    common::assert_nothing_readable(&early_read);
+    common::assert_nothing_readable(&late_read);
+}
+
 /// A client of the origin's feed port (`gdppay ! rstcpserversink
 /// sync-method=latest-keyframe`) gets the GDP streamheader, then starts on a
 /// packet of a keyframe, wherever in the GOP it joins. Without the packet

@@ -973,6 +973,19 @@ impl BaseSinkImpl for RsMultiHandleSink {
             gst::element_imp_error!(self, gst::ResourceError::Read, ["cannot map buffer"]);
         })?;
         if self.gdp.load(Ordering::Relaxed) {
+            if chunk.header {
+                // gdppay puts every packet it flags HEADER (sticky events, caps, the
+                // payload's streamheader) in the caps' streamheader first; one that
+                // is not there now was replaced (a first caps without streamheader,
+                // as mpegtsmux sends) and must not reach clients after the current.
+                gst::log!(
+                    CAT,
+                    imp = self,
+                    "GDP header packet of {} bytes: the caps' streamheader has it or replaced it, not queued",
+                    chunk.len()
+                );
+                return Ok(gst::FlowSuccess::Ok);
+            }
             self.gdp_keyframe(&mut chunk);
         }
         gst::log!(
