@@ -124,6 +124,12 @@ impl Net {
         Ok(())
     }
 
+    /// The host's IPv4 routing table (`ip route`), one route a line.
+    pub fn routes(&self, host: &Host) -> String {
+        let out = ip(&["-n", &host.netns, "-4", "route"]).expect("ip route");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn host(&self, name: &str) -> &Host {
         self.hosts
             .iter()
