@@ -39,6 +39,12 @@ fn free_port() -> u16 {
 
 /// `gst-launch-1.0 {pipeline}` with `PORT` replaced, once it accepts connections.
 fn start_origin(pipeline: &str, port: u16) -> Guard {
+    assert!(
+        target_dir().join("libgstrsmultifdsink.so").exists()
+            && target_dir().join("examples/edge").exists(),
+        "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
+        target_dir().display()
+    );
     let pipeline = pipeline.replace("PORT", &port.to_string());
     let child = Command::new("gst-launch-1.0")
         .arg("-q")
@@ -390,9 +396,10 @@ fn webm_viewers_are_closed_after_the_gap_limit() {
     drop(origin);
 }
 
-/// WebM through a short outage: the viewer connected before it is closed when the
-/// new feed's streamheader differs and goes on when it is the same (what the edge
-/// decided is in its output); either way it is never left silent.
+/// WebM through a short outage: the viewers connected before it and during it
+/// (who gets nothing until a buffer comes to place it) are closed when the new
+/// feed's streamheader differs and go on when it is the same (what the edge
+/// decided is in its output); either way none is left silent.
 #[test]
 fn webm_viewers_through_a_short_outage_continue_or_are_closed() {
     common::init();
@@ -405,18 +412,29 @@ fn webm_viewers_through_a_short_outage_continue_or_are_closed() {
 
     kill(origin);
     edge.wait_line("feed down", |l| l.starts_with("edge: feed down"));
+    // A viewer arriving in the gap: placed when the next buffer comes, so it
+    // waits (nothing of the old stream) until the feed is back.
+    let mut in_gap = Viewer::connect(edge.port);
+
     let origin = start_origin(WEBM_ORIGIN, origin_port);
     let restarted = Instant::now();
     let verdict = edge.wait_line("the verdict on viewers", |l| l.contains("the new feed has"));
     eprintln!("{verdict}");
     if verdict.contains("another streamheader") {
+        assert!(verdict.contains("closing 2 viewers"), "{verdict}");
         viewer.wait_eof(Duration::from_secs(2));
+        in_gap.wait_eof(Duration::from_secs(2));
+        // The response head, then a clean close: nothing of either stream.
+        assert!(in_gap.head().starts_with("HTTP/1.0 200 OK\r\n"));
+        assert!(in_gap.body().is_empty(), "{} bytes", in_gap.body().len());
     } else {
-        assert!(verdict.contains("1 viewers continue"), "{verdict}");
-        assert!(
-            viewer.read_more(50_000, Duration::from_secs(5)),
-            "closed though the edge said it continues"
-        );
+        assert!(verdict.contains("2 viewers continue"), "{verdict}");
+        for v in [&mut viewer, &mut in_gap] {
+            assert!(
+                v.read_more(50_000, Duration::from_secs(5)),
+                "closed though the edge said it continues"
+            );
+        }
     }
     new_viewer_plays(&edge, restarted, 40_000, "matroskademux", "vp8dec");
     drop(origin);

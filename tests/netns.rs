@@ -29,6 +29,12 @@ impl Drop for Guard {
 #[test]
 fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
     common::init();
+    assert!(
+        target_dir().join("libgstrsmultifdsink.so").exists()
+            && target_dir().join("examples/edge").exists(),
+        "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
+        target_dir().display()
+    );
     let Some(net) = Net::new(&["origin", "edge1", "viewers"]) else {
         return;
     };
