@@ -14,6 +14,7 @@
 //! cargo run --release --example edge -- --origin-host 10.0.0.1 --origin-port 4953 --port 8080
 //! ```
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +83,8 @@ struct Edge {
     feed_up: AtomicBool,
     /// A feed connection is running (from connecting until it is lost).
     connected: AtomicBool,
+    /// The viewers' fds, from the sink's client-added / client-removed.
+    viewers: Mutex<HashSet<i32>>,
 }
 
 /// The caps' streamheader, as bytes (`None` when the format has none).
@@ -119,17 +122,14 @@ impl Edge {
             if self.new_connection.swap(false, Ordering::SeqCst)
                 && let Some(old) = current.as_ref()
             {
-                let viewers = self.viewers();
                 if streamheader(old) == streamheader(&caps) {
                     println!(
-                        "edge: the new feed has the same streamheader: {viewers} viewers continue"
+                        "edge: the new feed has the same streamheader: {} viewers continue",
+                        self.viewers()
                     );
                 } else {
-                    println!(
-                        "edge: the new feed has another streamheader: closing {viewers} viewers"
-                    );
-                    // Before the new caps reach the sink: nobody gets a second header.
-                    self.sink.emit_by_name::<()>("clear", &[]);
+                    // Before the new caps reach the sink.
+                    self.close_started_viewers();
                 }
             }
             if current.as_ref() != Some(&caps) {
@@ -140,6 +140,28 @@ impl Edge {
         *self.last_data.lock().unwrap() = Instant::now();
         self.appsrc
             .emit_by_name::<gst::FlowReturn>("push-buffer", &[&buffer])
+    }
+
+    /// The viewers who got the old streamheader are closed (nobody gets a second
+    /// header); those who got nothing yet (they connected in the gap and are
+    /// placed when a buffer comes) stay and start on the new stream.
+    fn close_started_viewers(&self) {
+        let fds: Vec<i32> = self.viewers.lock().unwrap().iter().copied().collect();
+        let (mut closed, mut waiting) = (0, 0);
+        for fd in fds {
+            let stats = self
+                .sink
+                .emit_by_name::<gst::Structure>("get-stats", &[&fd]);
+            if stats.get::<u64>("bytes-sent").unwrap_or(0) > 0 {
+                self.sink.emit_by_name::<()>("remove", &[&fd]);
+                closed += 1;
+            } else {
+                waiting += 1;
+            }
+        }
+        println!(
+            "edge: the new feed has another streamheader: closing {closed} viewers, {waiting} waiting start on it"
+        );
     }
 
     /// Closes the viewers once the origin has been silent past `--max-gap` (and
@@ -368,6 +390,21 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         new_connection: AtomicBool::new(true),
         feed_up: AtomicBool::new(false),
         connected: AtomicBool::new(false),
+        viewers: Mutex::new(HashSet::new()),
+    });
+    let tracked = Arc::downgrade(&edge);
+    edge.sink.connect("client-added", false, move |args| {
+        if let (Some(edge), Ok(fd)) = (tracked.upgrade(), args[1].get::<i32>()) {
+            edge.viewers.lock().unwrap().insert(fd);
+        }
+        None
+    });
+    let tracked = Arc::downgrade(&edge);
+    edge.sink.connect("client-removed", false, move |args| {
+        if let (Some(edge), Ok(fd)) = (tracked.upgrade(), args[1].get::<i32>()) {
+            edge.viewers.lock().unwrap().remove(&fd);
+        }
+        None
     });
     if let Some(port) = edge.args.health_port {
         let listener = std::net::TcpListener::bind((edge.args.host.as_str(), port))?;
