@@ -83,6 +83,7 @@ struct Edge {
 }
 
 impl Edge {
+    /// The edge with its default backoff (0.1 s doubling to 2 s) and `extra`.
     fn start(origin_port: u16, extra: &[&str]) -> Edge {
         let mut args: Vec<String> = [
             "--origin-host",
@@ -93,8 +94,6 @@ impl Edge {
             "127.0.0.1",
             "--port",
             "0",
-            "--backoff-max",
-            "1",
         ]
         .map(String::from)
         .to_vec();
@@ -281,6 +280,10 @@ fn new_viewer_plays(
     assert!(
         restarted.elapsed() <= Duration::from_secs(5),
         "{:?} after the origin's restart",
+        restarted.elapsed()
+    );
+    eprintln!(
+        "a new viewer had {want} bytes {:?} after the origin's return",
         restarted.elapsed()
     );
     assert!(viewer.head().starts_with("HTTP/1.0 200 OK\r\n"));
