@@ -1,6 +1,7 @@
-//! An origin, an edge and a viewer on three separate hosts (network namespaces on
-//! one bridge, tests/common/netns.rs): the viewer plays the origin's stream
-//! through the edge program. The groundwork of issue 12's multi-host test;
+//! An origin, an edge and viewers on three separate hosts (network namespaces on
+//! one bridge, tests/common/netns.rs): curl, and twenty in-process viewers whose
+//! sockets belong to the viewers' host, play the origin's stream through the
+//! edge program. The groundwork of issue 12's multi-host test;
 //! skipped, with a message, where namespaces cannot be made.
 
 mod common;
@@ -95,6 +96,28 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         );
     }
 
+    // Twenty viewers of the same host, made in-process (sockets opened in its
+    // namespace), all play from a keyframe.
+    let edge_addr = std::net::SocketAddr::from((edge_host.addr, 8080));
+    let conns = viewers.run_in(move || {
+        (0..20)
+            .map(|_| std::net::TcpStream::connect(edge_addr).unwrap())
+            .collect::<Vec<_>>()
+    });
+    for conn in &conns {
+        assert_eq!(conn.local_addr().unwrap().ip(), viewers.addr);
+    }
+    let fetches: Vec<_> = conns
+        .into_iter()
+        .map(|conn| std::thread::spawn(move || fetch_on(conn, 30_000)))
+        .collect();
+    for fetch in fetches {
+        let (head, body) = fetch.join().unwrap();
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+        let d = common::decode_from_start(&body, "matroskademux", "vp8dec");
+        assert!(d.starts_on_keyframe(), "{:?}", d.decoded.error);
+    }
+
     let capture = std::env::temp_dir().join(format!("rsmfd-netns-{}.webm", std::process::id()));
     let status = viewers
         .command("curl")
@@ -116,4 +139,27 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         d.first_frame_flags,
         d.decoded.error
     );
+}
+
+/// GET / on an open connection: the response head and at least `want` bytes of body.
+fn fetch_on(mut conn: std::net::TcpStream, want: usize) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    conn.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n")
+        .unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16384];
+    let start = Instant::now();
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
+            && data.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&data[..end + 4]).to_string();
+            return (head, data[end + 4..].to_vec());
+        }
+        assert!(start.elapsed() < common::DEADLINE, "{} bytes", data.len());
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after {} bytes", data.len());
+        data.extend_from_slice(&buf[..n]);
+    }
 }

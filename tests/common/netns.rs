@@ -29,6 +29,23 @@ impl Host {
         cmd.args(["netns", "exec", &self.netns, program]);
         cmd
     }
+
+    /// Runs `f` on a thread of its own moved into this host's namespace: the
+    /// sockets it makes belong to the host (and stay so wherever they are used
+    /// afterwards), so one test process can be many clients of one host.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        use std::os::fd::AsRawFd;
+        let path = format!("/run/netns/{}", self.netns);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: setns on an open namespace fd; it changes only this thread.
+            let rc = unsafe { nix::libc::setns(ns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .unwrap()
+    }
 }
 
 /// The hosts of one test and the switch between them.
