@@ -1,7 +1,7 @@
-//! An origin, an edge and viewers on three separate hosts (network namespaces on
-//! one bridge, tests/common/netns.rs): curl, and twenty in-process viewers whose
-//! sockets belong to the viewers' host, play the origin's stream through the
-//! edge program. The groundwork of issue 12's multi-host test;
+//! An origin, two edges and a viewers' host, each a network namespace on one
+//! bridge (tests/common/netns.rs): twenty in-process viewers whose sockets belong
+//! to the viewers' host, and curl, play the origin's stream through the edge
+//! programs, and the origin serves exactly one feed connection per edge. The groundwork of issue 12's multi-host test;
 //! skipped, with a message, where namespaces cannot be made.
 
 mod common;
@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Instant;
 
-use common::netns::Net;
+use common::netns::{Host, Net};
 
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -27,8 +27,59 @@ impl Drop for Guard {
     }
 }
 
+/// The edge program on `host`, fed from `origin`; returns once its feed is up.
+fn start_edge(host: &Host, origin: &Host) -> Guard {
+    let mut edge = host
+        .command(target_dir().join("examples/edge").to_str().unwrap())
+        .args(["--origin-host", &origin.addr.to_string()])
+        .args([
+            "--origin-port",
+            "4953",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "8080",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = edge.stdout.take().unwrap();
+    let edge = Guard(edge);
+    // The edge retries until the origin listens.
+    let mut lines = BufReader::new(out).lines();
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines.next().expect("the edge ended").unwrap();
+        seen.push(line.clone());
+        if line.starts_with("edge: feed up") {
+            break;
+        }
+        assert!(
+            start.elapsed() < common::DEADLINE,
+            "{}: no feed: {seen:#?}",
+            host.name
+        );
+    }
+    // Its later lines are not read: a thread drains them so it never blocks.
+    std::thread::spawn(move || lines.for_each(drop));
+    edge
+}
+
+/// Established TCP connections on the host whose local port is `port` (`ss`).
+fn established_on(host: &Host, port: u16) -> usize {
+    let out = host
+        .command("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 #[test]
-fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
+fn viewers_on_their_own_host_play_the_origin_through_two_edges() {
     common::init();
     assert!(
         target_dir().join("libgstrsmultifdsink.so").exists()
@@ -36,11 +87,11 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
         target_dir().display()
     );
-    let Some(net) = Net::new(&["origin", "edge1", "viewers"]) else {
+    let Some(net) = Net::new(&["origin", "edge1", "edge2", "viewers"]) else {
         return;
     };
-    let (origin_host, edge_host, viewers) =
-        (net.host("origin"), net.host("edge1"), net.host("viewers"));
+    let origin_host = net.host("origin");
+    let viewers = net.host("viewers");
 
     let _origin = Guard(
         origin_host
@@ -57,34 +108,8 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
             .spawn()
             .unwrap(),
     );
-    let mut edge = edge_host
-        .command(target_dir().join("examples/edge").to_str().unwrap())
-        .args(["--origin-host", &origin_host.addr.to_string()])
-        .args([
-            "--origin-port",
-            "4953",
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "8080",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = edge.stdout.take().unwrap();
-    let _edge = Guard(edge);
-    // The edge retries until the origin listens.
-    let mut lines = BufReader::new(out).lines();
-    let start = Instant::now();
-    let mut seen = Vec::new();
-    loop {
-        let line = lines.next().expect("the edge ended").unwrap();
-        seen.push(line.clone());
-        if line.starts_with("edge: feed up") {
-            break;
-        }
-        assert!(start.elapsed() < common::DEADLINE, "no feed: {seen:#?}");
-    }
+    let edges = [net.host("edge1"), net.host("edge2")];
+    let _edges: Vec<Guard> = edges.iter().map(|e| start_edge(e, origin_host)).collect();
 
     // Traffic stays among the hosts: none has a route out of 10.77.0.0/24.
     for host in &net.hosts {
@@ -96,12 +121,16 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         );
     }
 
-    // Twenty viewers of the same host, made in-process (sockets opened in its
+    // Ten viewers per edge, made in-process (sockets opened in the viewers'
     // namespace), all play from a keyframe.
-    let edge_addr = std::net::SocketAddr::from((edge_host.addr, 8080));
+    let targets: Vec<std::net::SocketAddr> = edges
+        .iter()
+        .flat_map(|e| std::iter::repeat_n((e.addr, 8080).into(), 10))
+        .collect();
     let conns = viewers.run_in(move || {
-        (0..20)
-            .map(|_| std::net::TcpStream::connect(edge_addr).unwrap())
+        targets
+            .iter()
+            .map(|a| std::net::TcpStream::connect(a).unwrap())
             .collect::<Vec<_>>()
     });
     for conn in &conns {
@@ -111,6 +140,8 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         .into_iter()
         .map(|conn| std::thread::spawn(move || fetch_on(conn, 30_000)))
         .collect();
+    // However many viewers, the origin serves one feed connection per edge.
+    assert_eq!(established_on(origin_host, 4953), 2);
     for fetch in fetches {
         let (head, body) = fetch.join().unwrap();
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
@@ -118,12 +149,13 @@ fn viewer_on_its_own_host_plays_the_origin_through_an_edge() {
         assert!(d.starts_on_keyframe(), "{:?}", d.decoded.error);
     }
 
+    // And curl, a real client, on the viewers' host.
     let capture = std::env::temp_dir().join(format!("rsmfd-netns-{}.webm", std::process::id()));
     let status = viewers
         .command("curl")
         .args(["-s", "--max-time", "3", "-o"])
         .arg(&capture)
-        .arg(format!("http://{}:8080/", edge_host.addr))
+        .arg(format!("http://{}:8080/", edges[1].addr))
         .status()
         .unwrap();
     // 28: the time limit ended the (endless) stream, as it should.
