@@ -468,3 +468,29 @@ fn readme_origin_and_edge_lines_play() {
     edge.set_state(gst::State::Null).unwrap();
     origin.set_state(gst::State::Null).unwrap();
 }
+
+/// Buffers under `application/x-gdp` caps that are not one whole GDP packet
+/// (garbage, a cut packet, a packet with a broken header CRC) keep their own
+/// flags: a keyframe client starts on the first one not flagged delta, and every
+/// byte reaches it.
+#[test]
+fn non_gdp_buffers_under_gdp_caps_keep_their_own_flags() {
+    use common::SinkHarness;
+    let mut h = common::harness("rsmultifdsink", &[("sync-method", "latest-keyframe")]);
+    h.set_src_caps(gst::Caps::builder("application/x-gdp").build());
+    let whole = gdp::packet(PayloadType::Buffer, buffer_flags::DELTA_UNIT, None, b"x");
+    let mut broken = whole.clone();
+    broken[42] ^= 0x20; // DELTA_UNIT cleared, CRC no longer matching
+    let cut = &whole[..whole.len() - 1];
+    let (read, write) = common::pipe();
+    h.add_fd(common::raw(&write));
+    // Flagged delta: not a place to start, even if its bytes say otherwise.
+    h.push_ok(common::buffer(&broken, true, false));
+    for data in [&b"garbage"[..], cut, &broken] {
+        h.push_ok(common::buffer(data, false, false));
+    }
+    let want: Vec<u8> = [&b"garbage"[..], cut, &broken].concat();
+    assert_eq!(common::read_exact(&read, want.len()), want);
+    h.stop();
+    common::assert_nothing_readable(&read);
+}
