@@ -10,12 +10,23 @@ pub struct Request {
     pub method: Method,
     /// The path of the request target, without query string.
     pub path: String,
+    /// The request target as sent, query string included. It may carry a `token`:
+    /// never log it as it is (`access_log::redact_token`).
+    pub target: String,
+    /// The request line (`GET /x HTTP/1.1`), for the access log (same caution).
+    pub line: String,
+    /// The first `Authorization` header's value (a secret: never logged).
+    pub authorization: Option<String>,
+    pub referer: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
     Get,
     Head,
+    /// A CORS preflight (answered only where `cors-origin` is set).
+    Options,
 }
 
 /// Why a request is refused.
@@ -25,7 +36,7 @@ pub enum Refusal {
     BadRequest,
     /// The head grew past the allowed size.
     TooLarge,
-    /// A method other than GET or HEAD.
+    /// A method other than GET, HEAD or OPTIONS.
     MethodNotAllowed,
 }
 
@@ -80,15 +91,31 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Parsed {
     if !target.starts_with('/') && !target.starts_with("http://") {
         return Parsed::Refused(Refusal::BadRequest);
     }
+    let (mut authorization, mut referer, mut user_agent) = (None, None, None);
     for line in lines.filter(|l| !l.is_empty()) {
         match line.split_once(':') {
-            Some((name, _)) if !name.is_empty() && name.bytes().all(is_token_byte) => {}
+            Some((name, value)) if !name.is_empty() && name.bytes().all(is_token_byte) => {
+                // The first of each wins; header names are case-insensitive.
+                let slot = if name.eq_ignore_ascii_case("authorization") {
+                    &mut authorization
+                } else if name.eq_ignore_ascii_case("referer") {
+                    &mut referer
+                } else if name.eq_ignore_ascii_case("user-agent") {
+                    &mut user_agent
+                } else {
+                    continue;
+                };
+                if slot.is_none() {
+                    *slot = Some(value.trim().to_string());
+                }
+            }
             _ => return Parsed::Refused(Refusal::BadRequest),
         }
     }
     let method = match method {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
+        "OPTIONS" => Method::Options,
         m if !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) => {
             return Parsed::Refused(Refusal::MethodNotAllowed);
         }
@@ -103,6 +130,11 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Parsed {
     Parsed::Request(Request {
         method,
         path: path.to_string(),
+        target: target.to_string(),
+        line: request_line.to_string(),
+        authorization,
+        referer,
+        user_agent,
     })
 }
 
@@ -141,23 +173,49 @@ pub fn response_head(code: u16, reason: &str, headers: &[(&str, &str)]) -> Vec<u
 
 /// The head of a refusal; the connection is closed after it.
 pub fn error_head(code: u16, reason: &str) -> Vec<u8> {
-    response_head(
-        code,
-        reason,
-        &[("Content-Length", "0"), ("Connection", "close")],
-    )
+    error_head_with(code, reason, &[])
+}
+
+/// The head of a refusal with `extra` headers after the usual ones.
+pub fn error_head_with(code: u16, reason: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut headers = vec![("Content-Length", "0"), ("Connection", "close")];
+    headers.extend_from_slice(extra);
+    response_head(code, reason, &headers)
 }
 
 /// The stream's head: 200 with the media type, never cached.
 pub fn stream_head(content_type: &str) -> Vec<u8> {
+    stream_head_with(content_type, &[])
+}
+
+/// The stream's head with `extra` headers after the usual ones.
+pub fn stream_head_with(content_type: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut headers = vec![
+        ("Content-Type", content_type),
+        ("Cache-Control", "no-cache"),
+        ("Connection", "close"),
+        ("Server", "rstcpserversink"),
+    ];
+    headers.extend_from_slice(extra);
+    response_head(200, "OK", &headers)
+}
+
+/// How long browsers may cache a preflight's answer, in seconds.
+pub const PREFLIGHT_MAX_AGE: &str = "86400";
+
+/// The answer to a CORS preflight (`OPTIONS`) from `origin`'s pages: GET, HEAD and
+/// OPTIONS, with the headers players send (a Bearer token, byte ranges).
+pub fn preflight_head(origin: &str) -> Vec<u8> {
     response_head(
-        200,
-        "OK",
+        204,
+        "No Content",
         &[
-            ("Content-Type", content_type),
-            ("Cache-Control", "no-cache"),
+            ("Access-Control-Allow-Origin", origin),
+            ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
+            ("Access-Control-Allow-Headers", "Authorization, Range"),
+            ("Access-Control-Max-Age", PREFLIGHT_MAX_AGE),
+            ("Content-Length", "0"),
             ("Connection", "close"),
-            ("Server", "rstcpserversink"),
         ],
     )
 }
@@ -168,30 +226,62 @@ mod tests {
 
     const MAX: usize = 4096;
 
-    fn req(method: Method, path: &str) -> Parsed {
-        Parsed::Request(Request {
-            method,
-            path: path.into(),
-        })
+    /// The method and path of a parsed request.
+    fn req(parsed: Parsed) -> (Method, String) {
+        match parsed {
+            Parsed::Request(r) => (r.method, r.path),
+            other => panic!("not a request: {other:?}"),
+        }
     }
 
     #[test]
-    fn parses_get_and_head() {
+    fn parses_get_head_and_options() {
         assert_eq!(
-            parse_request(b"GET /live.webm HTTP/1.1\r\nHost: x\r\n\r\n", MAX),
-            req(Method::Get, "/live.webm")
+            req(parse_request(
+                b"GET /live.webm HTTP/1.1\r\nHost: x\r\n\r\n",
+                MAX
+            )),
+            (Method::Get, "/live.webm".into())
         );
         assert_eq!(
-            parse_request(b"HEAD / HTTP/1.0\r\n\r\n", MAX),
-            req(Method::Head, "/")
+            req(parse_request(b"HEAD / HTTP/1.0\r\n\r\n", MAX)),
+            (Method::Head, "/".into())
         );
         assert_eq!(
-            parse_request(b"GET /a?x=1 HTTP/1.1\n\n", MAX),
-            req(Method::Get, "/a")
+            req(parse_request(b"GET /a?x=1 HTTP/1.1\n\n", MAX)),
+            (Method::Get, "/a".into())
         );
         assert_eq!(
-            parse_request(b"GET http://h:8080/s HTTP/1.1\r\n\r\n", MAX),
-            req(Method::Get, "/s")
+            req(parse_request(b"GET http://h:8080/s HTTP/1.1\r\n\r\n", MAX)),
+            (Method::Get, "/s".into())
+        );
+        assert_eq!(
+            req(parse_request(b"OPTIONS /v HTTP/1.1\r\n\r\n", MAX)),
+            (Method::Options, "/v".into())
+        );
+    }
+
+    #[test]
+    fn keeps_target_request_line_and_the_headers_the_server_uses() {
+        let Parsed::Request(r) = parse_request(
+            b"GET /v?token=a.b.c&x=1 HTTP/1.1\r\nHost: h\r\nuser-agent:  VLC/3.0 \r\n\
+              AUTHORIZATION: Bearer t0k\r\nReferer: http://p/\r\nReferer: second\r\n\r\n",
+            MAX,
+        ) else {
+            panic!("not a request");
+        };
+        assert_eq!(r.path, "/v");
+        assert_eq!(r.target, "/v?token=a.b.c&x=1");
+        assert_eq!(r.line, "GET /v?token=a.b.c&x=1 HTTP/1.1");
+        assert_eq!(r.authorization.as_deref(), Some("Bearer t0k"));
+        assert_eq!(r.referer.as_deref(), Some("http://p/"));
+        assert_eq!(r.user_agent.as_deref(), Some("VLC/3.0"));
+        let Parsed::Request(bare) = parse_request(b"GET / HTTP/1.0\r\n\r\n", MAX) else {
+            panic!("not a request");
+        };
+        assert_eq!(
+            (bare.authorization, bare.referer, bare.user_agent),
+            (None, None, None)
         );
     }
 
@@ -236,6 +326,17 @@ mod tests {
             b"HTTP/1.0 200 OK\r\nContent-Type: video/webm\r\nCache-Control: no-cache\r\nConnection: close\r\nServer: rstcpserversink\r\n\r\n"
         );
         assert!(error_head(404, "Not Found").starts_with(b"HTTP/1.0 404 Not Found\r\n"));
+        assert_eq!(
+            error_head_with(302, "Found", &[("Location", "http://e/")]),
+            b"HTTP/1.0 302 Found\r\nContent-Length: 0\r\nConnection: close\r\nLocation: http://e/\r\n\r\n"
+        );
+        assert_eq!(
+            preflight_head("*"),
+            b"HTTP/1.0 204 No Content\r\nAccess-Control-Allow-Origin: *\r\n\
+              Access-Control-Allow-Methods: GET, HEAD, OPTIONS\r\n\
+              Access-Control-Allow-Headers: Authorization, Range\r\n\
+              Access-Control-Max-Age: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod engine;
 pub mod gdp;
 pub mod http;
+mod hub;
 pub mod jwt;
 pub mod metrics;
 pub mod multifdsink;

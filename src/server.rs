@@ -1,24 +1,24 @@
 // SPDX-License-Identifier: MPL-2.0
 
-//! The listening side of `rstcpserversink`, run by the engine's IO thread: accepts
-//! connections without blocking, optionally reads an HTTP request head from each
-//! (bounded size, deadline) and answers it, then hands the socket to the engine.
-//! Plain Rust; the element only configures it.
+//! What `rstcpserversink` serves and how, in plain Rust: each element's HTTP policy
+//! ([`ServerConfig`]), the settings of its port ([`PortSettings`]), binding the
+//! listening sockets, routing a request to the element whose mount matches
+//! ([`route`]) and the answer that element's policy gives it ([`decide`]). The
+//! per-port hub (`hub`) runs the sockets and asks these functions.
 
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::io::ErrorKind;
+use std::net::{IpAddr, SocketAddr, TcpListener, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 use nix::sys::socket::{
     AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket,
     sockopt,
 };
 
-use crate::engine::{AddOutcome, Registry, Service, ServiceToken, log};
-use crate::http::{self, Method, Parsed};
+use crate::http::{Method, Request};
+use crate::jwt::{self, JwtVerifier};
 
 /// How long a client has to send its request head, by default.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,19 +29,34 @@ pub const DEFAULT_MAX_CLIENTS: u32 = 0;
 /// The kernel's queue of connections not yet accepted, by default.
 pub const DEFAULT_BACKLOG: i32 = 128;
 
-/// What the server needs to know; the element keeps it current.
+/// One element's HTTP policy; the element keeps it current, the hub reads it for
+/// each request, so changes apply to the next one.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Speak HTTP: read a request, answer with headers. Off: raw TCP as `tcpserversink`.
     pub http: bool,
-    /// Only this path is served (404 for others); `None` serves any path.
+    /// Only this path is served by this element; `None` serves any path that no
+    /// other element on the port has.
     pub mount: Option<String>,
-    /// 503 beyond this many clients; 0 is no limit.
+    /// 503 (or a redirect) beyond this many clients; 0 is no limit.
     pub max_clients: u32,
+    /// Applies before the request says which element it is for, so the port
+    /// uses its first element's (the others must agree when they join).
     pub header_timeout: Duration,
+    /// As `header_timeout`, port-wide.
     pub max_header_size: usize,
     /// From the caps; `None` until caps arrive.
     pub content_type: Option<String>,
+    /// `auth-jwt-secret`: requests need an HS256 token signed with it.
+    pub auth: Option<Arc<JwtVerifier>>,
+    /// 429 for an address that already has this many clients on the port; 0: none.
+    pub max_clients_per_ip: u32,
+    /// Where clients beyond `max_clients` are sent (302) instead of a 503.
+    pub redirect_url: Option<String>,
+    /// `Access-Control-Allow-Origin` on every answer, and preflights answered.
+    pub cors_origin: Option<String>,
+    /// GET of this path answers the metrics of every element on the port.
+    pub metrics_path: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -53,45 +68,34 @@ impl Default for ServerConfig {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             max_header_size: DEFAULT_MAX_HEADER_SIZE as usize,
             content_type: None,
+            auth: None,
+            max_clients_per_ip: 0,
+            redirect_url: None,
+            cors_origin: None,
+            metrics_path: None,
         }
     }
 }
 
-/// How long accepting pauses when the process is out of fds.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// How long a refused connection is drained before it is closed, and how often.
-const LINGER: Duration = Duration::from_secs(1);
-const LINGER_POLL: Duration = Duration::from_millis(50);
-/// The most a refused connection may still send before it is closed anyway.
-const LINGER_BYTES: usize = 256 * 1024;
-
-/// Sockets the server accepted and so must close once the engine forgot them.
-pub type AcceptedSockets = Arc<Mutex<HashMap<RawFd, OwnedFd>>>;
-
-/// An accepted connection that is no client yet: it is still sending its request
-/// head, or waits for the stream's caps to be answered.
-struct Incoming {
-    stream: TcpStream,
-    head: Vec<u8>,
-    deadline: Instant,
-    peer: SocketAddr,
-    /// Complete, waiting for the stream's caps.
-    request: Option<http::Request>,
+impl ServerConfig {
+    /// The `mount` label of this element's metrics: its mount, or `*` (any path).
+    pub fn mount_label(&self) -> String {
+        self.mount.clone().unwrap_or_else(|| "*".into())
+    }
 }
 
-pub struct Server {
-    /// One per address the host resolves to (`localhost`: 127.0.0.1 and ::1).
-    listeners: Vec<TcpListener>,
-    /// Out of fds: accepting resumes at this time.
-    accept_paused_until: Option<Instant>,
-    /// Refused connections being drained before they are closed: stream, deadline,
-    /// bytes drained.
-    closing: Vec<(TcpStream, Instant, usize)>,
-    /// By the number of their `ServiceToken::Connection`.
-    incoming: HashMap<u64, Incoming>,
-    next_connection: u64,
-    config: Arc<Mutex<ServerConfig>>,
-    accepted: AcceptedSockets,
+/// Where and how an element listens: read when it goes to READY. Elements that
+/// share a port must agree on all but `host`/`port`, which name the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSettings {
+    pub host: String,
+    pub port: u16,
+    pub backlog: i32,
+    /// A PROXY protocol header (v1 or v2) comes before each request.
+    pub proxy_protocol: bool,
+    /// Connections still sending their PROXY header or request (or waiting for
+    /// the stream's caps) beyond this many: the oldest is dropped. 0: no cap.
+    pub max_pending: u32,
 }
 
 /// Binds every address `host` resolves to, on `port` (0: a free port, the same for
@@ -144,330 +148,280 @@ fn bind_one(addr: SocketAddr, backlog: i32) -> std::io::Result<TcpListener> {
     Ok(TcpListener::from(fd))
 }
 
-impl Server {
-    /// Serves `listeners` as `config` says (read for each connection, so changes
-    /// apply to the next one) and puts the sockets it hands over in `accepted`.
-    pub fn new(
-        listeners: Vec<TcpListener>,
-        config: Arc<Mutex<ServerConfig>>,
-        accepted: AcceptedSockets,
-    ) -> Self {
-        Server {
-            listeners,
-            accept_paused_until: None,
-            closing: Vec::new(),
-            incoming: HashMap::new(),
-            next_connection: 0,
-            config,
-            accepted,
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:192.0.2.7`, as a dual-stack
+/// socket reports IPv4 peers) written as the IPv4 address it is, so limits and logs
+/// see one address per client whatever socket it came through.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(canonical_ip(addr.ip()), addr.port())
+}
+
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// Which of the port's elements serves `path`, given their mounts in the order they
+/// joined: the one whose mount is exactly `path`, else the first without a mount.
+pub fn route<'a>(mounts: impl IntoIterator<Item = Option<&'a str>>, path: &str) -> Option<usize> {
+    let mut any = None;
+    for (i, mount) in mounts.into_iter().enumerate() {
+        match mount {
+            Some(m) if m == path => return Some(i),
+            None if any.is_none() => any = Some(i),
+            _ => {}
         }
     }
+    any
+}
 
-    /// Watches every listening socket.
-    fn watch_listeners(&self, registry: &Registry<'_>) -> std::io::Result<()> {
-        for (i, l) in self.listeners.iter().enumerate() {
-            registry.register(l.as_fd(), ServiceToken::Listener(i))?;
-        }
-        Ok(())
-    }
+/// What the chosen element's figures are when its policy is applied.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Situation {
+    /// The element's clients now.
+    pub clients: usize,
+    /// Clients of the request's address on the whole port now.
+    pub clients_from_ip: usize,
+    /// The element's IO threads are overloaded and it refuses new clients.
+    pub refusing: bool,
+    /// Seconds since the Unix epoch (for token expiry).
+    pub now: u64,
+}
 
-    fn accept_all(&mut self, registry: &Registry<'_>, which: usize) {
-        loop {
-            let Some(listener) = self.listeners.get(which) else {
-                return;
-            };
-            match listener.accept() {
-                Ok((stream, peer)) => self.accepted(registry, stream, peer),
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                // Out of fds or memory: the connection stays queued and the
-                // listener readable, so stop watching it for a while rather than
-                // spin; tick() watches it again.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(
-                            nix::libc::EMFILE
-                                | nix::libc::ENFILE
-                                | nix::libc::ENOBUFS
-                                | nix::libc::ENOMEM
-                        )
-                    ) =>
-                {
-                    log!(
-                        registry,
-                        Warning,
-                        "accept failed: {e}; pausing accepts for {ACCEPT_PAUSE:?}"
-                    );
-                    registry.deregister(listener.as_fd());
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
-                    return;
-                }
-                // An aborted connection: nothing to do for this one.
-                Err(e) => {
-                    log!(registry, Info, "accept failed: {e}");
-                    continue;
-                }
-            }
+/// A request that is not served, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: u16,
+    pub reason: &'static str,
+    /// For a redirect.
+    pub location: Option<String>,
+    /// For the debug log (never holds a token).
+    pub why: String,
+}
+
+impl Refused {
+    pub fn new(code: u16, reason: &'static str, why: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            reason,
+            location: None,
+            why: why.into(),
         }
     }
+}
 
-    fn accepted(&mut self, registry: &Registry<'_>, stream: TcpStream, peer: SocketAddr) {
-        let _ = stream.set_nodelay(true);
-        if stream.set_nonblocking(true).is_err() {
-            return;
-        }
-        let config = self.config.lock().unwrap().clone();
-        log!(registry, Info, "connection from {peer}");
-        if !config.http {
-            if registry.refusing_clients() {
-                // Raw TCP has no way to say why: the connection is closed.
-                log!(registry, Info, "{peer}: refused, the sink is overloaded");
-                return;
-            }
-            self.hand_over(registry, stream, peer);
-            return;
-        }
-        let token = self.next_connection;
-        self.next_connection += 1;
-        if let Err(e) = registry.register(stream.as_fd(), ServiceToken::Connection(token)) {
-            log!(
-                registry,
-                Warning,
-                "cannot watch connection from {peer}: {e}"
-            );
-            return;
-        }
-        let incoming = Incoming {
-            stream,
-            head: Vec::new(),
-            deadline: Instant::now() + config.header_timeout,
-            peer,
-            request: None,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Serve the stream (GET) or its head (HEAD); `user` is the token's subject.
+    Serve {
+        user: Option<String>,
+    },
+    /// Answer a CORS preflight with 204.
+    Preflight,
+    Refuse(Refused),
+}
+
+/// What `config` (the policy of the element the request was routed to) answers to
+/// `req`: a preflight, a refusal, or the stream. Checked in this order: the token
+/// (401), the address's clients (429), the element's clients or overload (302 to
+/// `redirect_url`, else 503).
+pub fn decide(config: &ServerConfig, req: &Request, s: &Situation) -> Decision {
+    if req.method == Method::Options {
+        return match config.cors_origin {
+            Some(_) => Decision::Preflight,
+            None => Decision::Refuse(Refused::new(
+                405,
+                "Method Not Allowed",
+                "OPTIONS without cors-origin",
+            )),
         };
-        self.incoming.insert(token, incoming);
-        // Data may already be there: edge cases of level-triggered epoll aside, read now.
-        self.read_request(registry, token);
     }
-
-    /// Reads what the connection sent; answers once the head is complete.
-    fn read_request(&mut self, registry: &Registry<'_>, token: u64) {
-        let Some(p) = self.incoming.get_mut(&token) else {
-            return;
-        };
-        let max_head = self.config.lock().unwrap().max_header_size;
-        let mut buf = [0u8; 2048];
-        loop {
-            match p.stream.read(&mut buf) {
-                Ok(0) => {
-                    log!(registry, Info, "{}: closed before its request", p.peer);
-                    self.drop_incoming(registry, token);
-                    return;
-                }
-                // A complete request waits for caps: anything more is dropped.
-                Ok(_) if p.request.is_some() => continue,
-                Ok(n) => {
-                    p.head.extend_from_slice(&buf[..n]);
-                    // Parse again only when the head may have ended (or grown too
-                    // large, or just started), so a slow large head costs linear time.
-                    let from = p.head.len().saturating_sub(n + 3);
-                    let may_end = p.head[from..].contains(&b'\n');
-                    if !may_end && p.head.len() <= max_head && p.head.len() > n {
-                        continue;
-                    }
-                    match http::parse_request(&p.head, max_head) {
-                        Parsed::Incomplete => continue,
-                        Parsed::Request(r) => {
-                            p.request = Some(r);
-                            break;
-                        }
-                        Parsed::Refused(r) => {
-                            let (code, reason) = r.status();
-                            self.refuse(registry, token, code, reason);
-                            return;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.drop_incoming(registry, token);
-                    return;
-                }
-            }
+    let mut user = None;
+    if let Some(verifier) = &config.auth {
+        let token = jwt::token_from_target(&req.target).or_else(|| {
+            req.authorization
+                .as_deref()
+                .and_then(jwt::token_from_authorization)
+                .map(String::from)
+        });
+        // A token is for the mount asked for (the path, for an element serving any).
+        let mount = config.mount.as_deref().unwrap_or(&req.path);
+        match verifier.verify(token.as_deref().unwrap_or(""), mount, s.now) {
+            Ok(verified) => user = verified.subject,
+            Err(e) => return Decision::Refuse(Refused::new(401, "Unauthorized", e.to_string())),
         }
-        self.answer(registry, token);
     }
-
-    /// Answers a complete request, unless the stream's caps are not known yet: then
-    /// it waits (until its deadline) so the Content-Type is right.
-    fn answer(&mut self, registry: &Registry<'_>, token: u64) {
-        let config = self.config.lock().unwrap().clone();
-        let Some(req) = self.incoming.get(&token).and_then(|p| p.request.clone()) else {
-            return;
-        };
-        if config.mount.as_ref().is_some_and(|m| *m != req.path) {
-            return self.refuse(registry, token, 404, "Not Found");
-        }
-        if config.max_clients > 0 && registry.client_count() >= config.max_clients as usize
-            || registry.refusing_clients()
-        {
-            return self.refuse(registry, token, 503, "Service Unavailable");
-        }
-        let Some(content_type) = config.content_type else {
-            return;
-        };
-        let Some(mut p) = self.take_incoming(registry, token) else {
-            return;
-        };
-        let head = http::stream_head(&content_type);
-        log!(
-            registry,
-            Info,
-            "{}: {:?} {} -> 200 ({content_type})",
-            p.peer,
-            req.method,
-            req.path
-        );
-        if req.method == Method::Head {
-            let _ = p.stream.write_all(&head);
-            return;
-        }
-        // The head is small and the socket's buffer empty: one write does it.
-        match p.stream.write(&head) {
-            Ok(n) if n == head.len() => self.hand_over(registry, p.stream, p.peer),
-            _ => log!(
-                registry,
-                Info,
-                "{}: could not write the response head",
-                p.peer
+    if config.max_clients_per_ip > 0 && s.clients_from_ip >= config.max_clients_per_ip as usize {
+        return Decision::Refuse(Refused::new(
+            429,
+            "Too Many Requests",
+            format!(
+                "the address has {} clients (max-clients-per-ip)",
+                s.clients_from_ip
             ),
-        }
+        ));
     }
-
-    /// Answers with an error status and closes the connection.
-    fn refuse(&mut self, registry: &Registry<'_>, token: u64, code: u16, reason: &str) {
-        if let Some(mut p) = self.take_incoming(registry, token) {
-            log!(registry, Info, "{}: refused with {code} {reason}", p.peer);
-            let _ = p.stream.write(&http::error_head(code, reason));
-            // Closing with unread request bytes would send a reset that can destroy
-            // the answer in flight: end our side, then drain theirs for a while.
-            let _ = p.stream.shutdown(std::net::Shutdown::Write);
-            self.closing.push((p.stream, Instant::now() + LINGER, 0));
-        }
-    }
-
-    /// Drains refused connections until the peer closes, the deadline passes or
-    /// they sent too much; then closes them.
-    fn drain_closing(&mut self, now: Instant) {
-        let mut buf = [0u8; 4096];
-        self.closing.retain_mut(|(stream, deadline, drained)| {
-            loop {
-                match stream.read(&mut buf) {
-                    Ok(0) => return false,
-                    Ok(n) => {
-                        *drained += n;
-                        if *drained > LINGER_BYTES {
-                            return false;
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return *deadline > now,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => return false,
-                }
-            }
+    let full = config.max_clients > 0 && s.clients >= config.max_clients as usize;
+    if full || s.refusing {
+        let why = if full {
+            format!("{} clients (max-clients)", s.clients)
+        } else {
+            "the sink is overloaded".to_string()
+        };
+        return Decision::Refuse(match &config.redirect_url {
+            Some(url) => Refused {
+                code: 302,
+                reason: "Found",
+                location: Some(url.clone()),
+                why: format!("{why}: redirected"),
+            },
+            None => Refused::new(503, "Service Unavailable", why),
         });
     }
-
-    fn hand_over(&mut self, registry: &Registry<'_>, stream: TcpStream, peer: SocketAddr) {
-        let fd = OwnedFd::from(stream);
-        let raw = fd.as_raw_fd();
-        // Ours before add: the engine may remove it (and we close it) at once.
-        self.accepted.lock().unwrap().insert(raw, fd);
-        log!(registry, Debug, "{peer}: streaming to fd {raw}");
-        if registry.add_client(raw) != AddOutcome::Added {
-            self.accepted.lock().unwrap().remove(&raw);
-        }
-    }
-
-    fn take_incoming(&mut self, registry: &Registry<'_>, token: u64) -> Option<Incoming> {
-        let p = self.incoming.remove(&token)?;
-        registry.deregister(p.stream.as_fd());
-        Some(p)
-    }
-
-    fn drop_incoming(&mut self, registry: &Registry<'_>, token: u64) {
-        drop(self.take_incoming(registry, token));
-    }
+    Decision::Serve { user }
 }
 
-impl Service for Server {
-    fn register(&mut self, registry: &Registry<'_>) -> std::io::Result<()> {
-        self.watch_listeners(registry)
-    }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::{Parsed, parse_request};
 
-    fn deregister(&mut self, registry: &Registry<'_>) {
-        for l in &self.listeners {
-            registry.deregister(l.as_fd());
-        }
-        let tokens: Vec<u64> = self.incoming.keys().copied().collect();
-        for t in tokens {
-            self.drop_incoming(registry, t);
-        }
-        self.closing.clear();
-    }
-
-    fn event(&mut self, registry: &Registry<'_>, token: ServiceToken) {
-        match token {
-            ServiceToken::Listener(i) => self.accept_all(registry, i),
-            ServiceToken::Connection(n) => self.read_request(registry, n),
+    fn request(text: &str) -> Request {
+        match parse_request(text.as_bytes(), 8192) {
+            Parsed::Request(r) => r,
+            other => panic!("{other:?}"),
         }
     }
 
-    fn tick(&mut self, registry: &Registry<'_>, now: Instant) -> Option<Instant> {
-        if self.accept_paused_until.is_some_and(|t| t <= now) {
-            self.accept_paused_until = None;
-            let _ = self.watch_listeners(registry);
+    fn code(d: Decision) -> u16 {
+        match d {
+            Decision::Serve { .. } => 200,
+            Decision::Preflight => 204,
+            Decision::Refuse(r) => r.code,
         }
-        // Requests that waited for caps: answer those that can be answered now.
-        let waiting: Vec<u64> = self
-            .incoming
-            .iter()
-            .filter(|(_, p)| p.request.is_some())
-            .map(|(t, _)| *t)
-            .collect();
-        for t in waiting {
-            self.answer(registry, t);
+    }
+
+    /// A token signed with `secret` carrying `claims` (JSON).
+    fn token(secret: &[u8], claims: &str) -> String {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let head = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(claims);
+        let signed = format!("{head}.{body}");
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+        let sig = URL_SAFE_NO_PAD.encode(ring::hmac::sign(&key, signed.as_bytes()));
+        format!("{signed}.{sig}")
+    }
+
+    #[test]
+    fn routes_exact_mount_first_then_the_element_without_one() {
+        let mounts = [Some("/video"), None, Some("/audio")];
+        assert_eq!(route(mounts, "/audio"), Some(2));
+        assert_eq!(route(mounts, "/video"), Some(0));
+        assert_eq!(route(mounts, "/other"), Some(1));
+        assert_eq!(route([Some("/video"), Some("/audio")], "/"), None);
+        assert_eq!(route([Some("/video")], "/video/x"), None);
+    }
+
+    #[test]
+    fn canonical_unmaps_ipv4_mapped_addresses() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
+        assert_eq!(canonical(mapped), "192.0.2.7:5000".parse().unwrap());
+        let v6: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+
+    #[test]
+    fn limits_in_order_and_redirect() {
+        let cfg = ServerConfig {
+            http: true,
+            max_clients: 2,
+            max_clients_per_ip: 1,
+            ..Default::default()
+        };
+        let get = request("GET / HTTP/1.1\r\n\r\n");
+        let at = |clients, from_ip| Situation {
+            clients,
+            clients_from_ip: from_ip,
+            ..Default::default()
+        };
+        assert_eq!(code(decide(&cfg, &get, &at(1, 0))), 200);
+        assert_eq!(code(decide(&cfg, &get, &at(1, 1))), 429);
+        assert_eq!(code(decide(&cfg, &get, &at(2, 0))), 503);
+        let refusing = Situation {
+            refusing: true,
+            ..Default::default()
+        };
+        assert_eq!(code(decide(&cfg, &get, &refusing)), 503);
+        let redirecting = ServerConfig {
+            redirect_url: Some("http://edge2/live".into()),
+            ..cfg
+        };
+        match decide(&redirecting, &get, &at(2, 0)) {
+            Decision::Refuse(r) => {
+                assert_eq!(
+                    (r.code, r.location.as_deref()),
+                    (302, Some("http://edge2/live"))
+                )
+            }
+            d => panic!("{d:?}"),
         }
-        let expired: Vec<(u64, bool)> = self
-            .incoming
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(t, p)| (*t, p.request.is_some()))
-            .collect();
-        for (t, complete) in expired {
-            if complete {
-                // The stream never started (no caps): nothing to serve yet.
-                self.refuse(registry, t, 503, "Service Unavailable");
-            } else {
-                self.refuse(registry, t, 408, "Request Timeout");
+    }
+
+    #[test]
+    fn preflight_only_with_cors_origin() {
+        let options = request("OPTIONS /v HTTP/1.1\r\n\r\n");
+        let s = Situation::default();
+        assert_eq!(code(decide(&ServerConfig::default(), &options, &s)), 405);
+        let cors = ServerConfig {
+            cors_origin: Some("*".into()),
+            ..Default::default()
+        };
+        assert_eq!(decide(&cors, &options, &s), Decision::Preflight);
+    }
+
+    #[test]
+    fn jwt_from_query_or_bearer_with_mount_claim() {
+        let cfg = ServerConfig {
+            mount: Some("/v".into()),
+            auth: Some(Arc::new(JwtVerifier::new(b"sekrit"))),
+            ..Default::default()
+        };
+        let now = 1_800_000_000;
+        let s = Situation {
+            now,
+            ..Default::default()
+        };
+        let good = token(b"sekrit", r#"{"sub":"ann","mount":"v","exp":1900000000}"#);
+        let decided = decide(
+            &cfg,
+            &request(&format!("GET /v?token={good} HTTP/1.1\r\n\r\n")),
+            &s,
+        );
+        assert_eq!(
+            decided,
+            Decision::Serve {
+                user: Some("ann".into())
+            }
+        );
+        let bearer = format!("GET /v HTTP/1.1\r\nAuthorization: Bearer {good}\r\n\r\n");
+        assert_eq!(code(decide(&cfg, &request(&bearer), &s)), 200);
+        for bad in [
+            token(b"other", r#"{"exp":1900000000}"#),
+            token(b"sekrit", r#"{"exp":1700000000}"#),
+            token(b"sekrit", r#"{"mount":"/a"}"#),
+            "garbage".into(),
+        ] {
+            let req = request(&format!("GET /v?token={bad} HTTP/1.1\r\n\r\n"));
+            match decide(&cfg, &req, &s) {
+                Decision::Refuse(r) => {
+                    assert_eq!(r.code, 401);
+                    assert!(!r.why.contains(&bad), "the token leaks into {}", r.why);
+                }
+                d => panic!("{d:?}"),
             }
         }
-        self.drain_closing(now);
-        let drain_poll = (!self.closing.is_empty()).then(|| now + LINGER_POLL);
-        [
-            self.incoming.values().map(|p| p.deadline).min(),
-            drain_poll,
-            self.accept_paused_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        assert_eq!(
+            code(decide(&cfg, &request("GET /v HTTP/1.1\r\n\r\n"), &s)),
+            401
+        );
     }
-}
-
-/// Closes a socket the server accepted, once the engine forgot it (after
-/// `client-fd-removed`). False for an fd the server did not accept.
-pub fn release(accepted: &AcceptedSockets, fd: RawFd) -> bool {
-    accepted.lock().unwrap().remove(&fd).is_some()
 }

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, MutexGuard, OnceLock, Weak};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,16 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
 
 /// How long a wait for something that must happen may take before the test fails.
-const WAIT: Duration = Duration::from_secs(10);
+/// The longest a test waits for what should happen: a safety bound, never a pace.
+/// scripts/valgrind multiplies it (`TEST_WAIT_SCALE`), as everything runs many times
+/// slower there.
+static WAIT: LazyLock<Duration> = LazyLock::new(|| {
+    let scale = std::env::var("TEST_WAIT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    Duration::from_secs(10) * scale
+});
 
 // ---------------------------------------------------------------------------------
 // Data
@@ -107,7 +116,7 @@ fn bfd(fd: RawFd) -> BorrowedFd<'static> {
 
 /// Reads exactly `n` bytes, waiting with `poll` up to `WAIT`. Panics on EOF or timeout.
 fn read_exact(fd: RawFd, n: usize) -> Vec<u8> {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + *WAIT;
     let mut buf = vec![0u8; n];
     let mut got = 0;
     while got < n {
@@ -152,7 +161,7 @@ fn expect_read(fd: RawFd, expected: &[u8]) {
 #[track_caller]
 fn expect_eof(fd: RawFd) {
     let mut pfd = [PollFd::new(bfd(fd), PollFlags::POLLIN)];
-    let n = poll(&mut pfd, PollTimeout::try_from(WAIT).unwrap()).unwrap();
+    let n = poll(&mut pfd, PollTimeout::try_from(*WAIT).unwrap()).unwrap();
     assert_eq!(n, 1, "fd {fd}: no EOF");
     let mut one = [0u8; 1];
     assert_eq!(
@@ -164,7 +173,7 @@ fn expect_eof(fd: RawFd) {
 
 /// Writes all of `data` to a (non-blocking) fd, waiting with `poll` up to `WAIT`.
 fn write_all(fd: RawFd, data: &[u8]) {
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + *WAIT;
     let mut done = 0;
     while done < data.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -331,7 +340,7 @@ impl Recorder {
     /// Waits until `pred` holds for the events so far.
     #[track_caller]
     fn wait_for(&self, what: &str, pred: impl Fn(&[Ev]) -> bool) -> Vec<Ev> {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + *WAIT;
         let mut st = self.lock();
         loop {
             let evs: Vec<Ev> = st.events.iter().map(|(e, _)| *e).collect();
@@ -597,7 +606,7 @@ fn with_watchdog(name: &str, f: impl FnOnce() + Send + 'static) {
         f();
         let _ = tx.send(());
     });
-    match rx.recv_timeout(WAIT) {
+    match rx.recv_timeout(*WAIT) {
         Ok(()) => handle.join().unwrap(),
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             // The closure panicked: report its panic.
@@ -606,7 +615,7 @@ fn with_watchdog(name: &str, f: impl FnOnce() + Send + 'static) {
             }
         }
         Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{name}: deadlock (no progress in {WAIT:?})")
+            panic!("{name}: deadlock (no progress in {:?})", *WAIT)
         }
     }
 }
@@ -2402,7 +2411,7 @@ fn read_buffers(fd: RawFd, want: usize) -> std::thread::JoinHandle<Vec<u32>> {
         let mut got = Vec::new();
         let mut chunk = vec![0u8; 64 * 1024];
         let mut total = 0;
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + *WAIT;
         while total < want {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
@@ -2597,7 +2606,7 @@ fn most_clients_full_at_once_is_an_overload_and_nobody_is_kicked() {
     };
     // Wait until every socket is full (13 buffers fit in one) and every client past
     // the limit (4 more).
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + *WAIT;
     while f.engine.counters().bytes_to_serve < 18 * 16 * 1024 {
         assert!(
             Instant::now() < deadline,
@@ -2664,7 +2673,7 @@ fn refuse_clients_policy_refuses_while_overloaded_and_for_a_second_after() {
     }
     assert!(dropped > 0, "no overload");
     let refusing_seen = |want: bool| {
-        let deadline = Instant::now() + WAIT;
+        let deadline = Instant::now() + *WAIT;
         loop {
             if seen.lock().unwrap().last() == Some(&want) {
                 return Instant::now();
@@ -2700,7 +2709,7 @@ fn drop_buffers_policy_removes_a_client_whose_fd_stays_full() {
     // Push until the stalled client goes: its fd full past units-max for the grace.
     while !f.rec.events().contains(&Ev::FdRemoved(stalled)) {
         assert!(
-            start.elapsed() < WAIT,
+            start.elapsed() < *WAIT,
             "the stalled client was never removed"
         );
         f.engine.push(overload_buffer(i % 200));
@@ -2807,7 +2816,7 @@ fn zero_copy_memfd_stays_bounded_and_late_reader_gets_exact_bytes() {
     for peer in [a_peer, b_peer] {
         expect_read(peer, &early);
     }
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + *WAIT;
     while f.bytes_sent(late) < early.len() as u64 {
         assert!(
             Instant::now() < deadline,
@@ -2906,7 +2915,7 @@ fn zero_copy_refused_fd_of_a_working_kind_falls_back_alone() {
     f.add(plain, latest());
     f.push_all((0..2).map(|i| key(big(i))));
     // Its first sendfile is done once these bytes were written.
-    let deadline = Instant::now() + WAIT;
+    let deadline = Instant::now() + *WAIT;
     while f.bytes_sent(plain) < 2 * big(0).len() as u64 {
         assert!(Instant::now() < deadline, "file client never written");
         std::thread::yield_now();

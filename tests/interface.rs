@@ -160,6 +160,14 @@ fn rstcpserversink_has_tcpserversinks_properties() {
         "max-clients",
         "header-timeout",
         "max-header-size",
+        "auth-jwt-secret",
+        "max-clients-per-ip",
+        "max-pending",
+        "redirect-url",
+        "proxy-protocol",
+        "cors-origin",
+        "metrics-path",
+        "access-log",
     ]);
     assert_same_interface(
         "rstcpserversink",

@@ -31,13 +31,16 @@ fn roomy_pair() -> (gio::Socket, UnixStream) {
     (gio::Socket::from_fd(OwnedFd::from(ours)).unwrap(), peer)
 }
 
-/// Reads `buffers` whole buffers from `peer` on a thread (with a deadline).
-fn read_all(mut peer: UnixStream, buffers: usize) -> std::thread::JoinHandle<usize> {
+/// Reads `buffers` whole buffers from `peer` on a thread (with a deadline); gives
+/// the peer back still open, so the client is not closed (and removed) before the
+/// test has counted it.
+fn read_all(mut peer: UnixStream, buffers: usize) -> std::thread::JoinHandle<(usize, UnixStream)> {
     peer.set_read_timeout(Some(DEADLINE)).unwrap();
     std::thread::spawn(move || {
         let mut got = vec![0u8; buffers * BUFFER];
         peer.read_exact(&mut got).expect("every buffer arrives");
-        got.chunks(BUFFER).filter(|b| b[0] == b[BUFFER - 1]).count()
+        let whole = got.chunks(BUFFER).filter(|b| b[0] == b[BUFFER - 1]).count();
+        (whole, peer)
     })
 }
 
@@ -128,8 +131,11 @@ fn overload_is_announced_once_each_way_and_nobody_is_kicked() {
     std::thread::sleep(Duration::from_millis(1100));
     h.push_ok(buffer_of(BUFFERS));
     assert_eq!(overload_warnings(&bus), vec!["ended".to_string()]);
+    let mut peers = Vec::new();
     for reader in readers {
-        assert_eq!(reader.join().unwrap(), BUFFERS + 1);
+        let (whole, peer) = reader.join().unwrap();
+        assert_eq!(whole, BUFFERS + 1);
+        peers.push(peer);
     }
     assert_eq!(h.sink().property::<u32>("num-handles"), 4);
     assert!(

@@ -67,11 +67,22 @@ fn check_no_error(server: &gst::Pipeline, recipe: &str) {
 
 /// Fetches the stream over HTTP: the response head and `want` bytes of body.
 /// `check` runs while waiting and fails the test if the server failed.
-fn fetch(recipe: &str, port: u16, want: usize, mut check: impl FnMut()) -> (String, Vec<u8>) {
+fn fetch(recipe: &str, port: u16, want: usize, check: impl FnMut()) -> (String, Vec<u8>) {
+    fetch_path(recipe, port, "/", want, check)
+}
+
+/// `fetch` of `path`.
+fn fetch_path(
+    recipe: &str,
+    port: u16,
+    path: &str,
+    want: usize,
+    mut check: impl FnMut(),
+) -> (String, Vec<u8>) {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
         .unwrap();
     let mut data = Vec::new();
     let mut buf = [0u8; 16384];
@@ -125,9 +136,10 @@ fn expectation(recipe: &str) -> (&'static str, &'static str) {
 #[test]
 fn readme_http_recipes_play() {
     common::init();
+    // Mount recipes (several elements on one port) are played below.
     let http: Vec<String> = recipes()
         .into_iter()
-        .filter(|r| r.contains("http=true"))
+        .filter(|r| r.contains("http=true") && !r.contains("mount="))
         .collect();
     assert!(http.len() >= 5, "README lost recipes: {http:?}");
     for recipe in http {
@@ -153,6 +165,68 @@ fn readme_http_recipes_play() {
         assert!(frames > 0, "{recipe}: the capture does not decode");
         server.set_state(gst::State::Null).unwrap();
     }
+}
+
+/// The recipe with several elements on one port: its port swapped for one free
+/// port (the same for all its elements, which share it), each mount fetched and
+/// decoded, and its metrics path answered.
+#[test]
+fn readme_mount_recipe_serves_each_mount() {
+    common::init();
+    let recipe = recipes()
+        .into_iter()
+        .find(|r| r.contains("mount="))
+        .expect("a recipe with mounts");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let description = recipe
+        .split_whitespace()
+        .map(|w| {
+            if w.starts_with("port=") {
+                format!("port={port}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let server = gst::parse::launch(&description)
+        .unwrap_or_else(|e| panic!("{recipe}: {e}"))
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    server.set_state(gst::State::Playing).unwrap();
+    for (path, content_type, decoder, want) in [
+        ("/video", "video/webm", "matroskademux ! vp8dec", 60_000),
+        ("/audio", "application/ogg", "oggdemux ! opusdec", 12_000),
+    ] {
+        let (head, body) = fetch_path(&recipe, port, path, want, || {
+            check_no_error(&server, &recipe)
+        });
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{path}: {head}");
+        assert!(
+            head.contains(&format!("Content-Type: {content_type}\r\n")),
+            "{path}: {head}"
+        );
+        assert!(
+            decode(&body, decoder) > 0,
+            "{path}: the capture does not decode"
+        );
+    }
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut metrics = String::new();
+    conn.read_to_string(&mut metrics).unwrap();
+    assert!(metrics.starts_with("HTTP/1.0 200 OK\r\n"), "{metrics}");
+    for mount in ["/video", "/audio"] {
+        assert!(
+            metrics.contains(&format!("rstcpserversink_clients{{mount=\"{mount}\"}} ")),
+            "{metrics}"
+        );
+    }
+    server.set_state(gst::State::Null).unwrap();
 }
 
 #[test]

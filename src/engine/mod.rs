@@ -277,6 +277,17 @@ impl Engine {
         self.spool.allocated()
     }
 
+    /// Clients of all IO threads, not counting those being removed.
+    pub fn client_count(&self) -> usize {
+        self.pool.client_count()
+    }
+
+    /// Whether new clients are to be refused: the IO threads are overloaded and the
+    /// overload policy says so (`OverloadPolicy::RefuseClients`).
+    pub fn refusing_clients(&self) -> bool {
+        self.pool.refusing()
+    }
+
     /// Whether `fd` is a client that is not being removed.
     pub fn has_client(&self, fd: Fd) -> bool {
         self.pool.worker_of(fd).is_some_and(|w| w.has_client(fd))

@@ -311,6 +311,19 @@ impl RsMultiHandleSink {
         }
     }
 
+    pub(super) fn add_accepted_client(&self, fd: RawFd) -> bool {
+        let config = {
+            let obj = self.obj();
+            (obj.class().as_ref().default_placement)(&obj)
+        };
+        gst::debug!(
+            CAT,
+            imp = self,
+            "adding accepted socket fd {fd} with {config:?}"
+        );
+        self.engine().add(fd, config) == AddOutcome::Added
+    }
+
     pub(super) fn remove_client(&self, fd: RawFd) {
         gst::debug!(CAT, imp = self, "removing client fd {fd}");
         self.engine().remove(fd, engine::ClientStatus::Removed);

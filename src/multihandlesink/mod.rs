@@ -195,6 +195,40 @@ pub trait RsMultiHandleSinkExt: IsA<RsMultiHandleSink> + 'static {
             .add_client(fd, placement)
     }
 
+    /// Adds a socket the subclass accepted itself, with the default placement.
+    /// False (and no warning) when the element is not running: the caller still
+    /// owns the fd then.
+    fn add_accepted_client(&self, fd: RawFd) -> bool {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .add_accepted_client(fd)
+    }
+
+    /// Clients now, not counting those being removed.
+    fn client_count(&self) -> usize {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .engine()
+            .client_count()
+    }
+
+    /// Whether new clients are to be refused (`overload-policy=refuse-clients`
+    /// while the IO threads are overloaded).
+    fn refusing_clients(&self) -> bool {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .engine()
+            .refusing_clients()
+    }
+
+    /// The element's figures (`bytes-served`, `buffers-queued`, ...).
+    fn counters(&self) -> engine::Counters {
+        self.upcast_ref::<RsMultiHandleSink>()
+            .imp()
+            .engine()
+            .counters()
+    }
+
     /// Removes a client now: `client_removed` and `client_fd_removed` have run when
     /// this returns. An unknown fd is a warning.
     fn remove_client(&self, fd: RawFd) {
