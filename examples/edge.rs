@@ -111,6 +111,8 @@ impl Edge {
         let Some(buffer) = sample.buffer_owned() else {
             return gst::FlowReturn::Ok;
         };
+        // Before the feed counts as up: a health check must see fresh data then.
+        *self.last_data.lock().unwrap() = Instant::now();
         if !self.feed_up.swap(true, Ordering::SeqCst) {
             println!(
                 "edge: feed up: receiving from {}:{}",
@@ -137,7 +139,6 @@ impl Edge {
                 *current = Some(caps);
             }
         }
-        *self.last_data.lock().unwrap() = Instant::now();
         self.appsrc
             .emit_by_name::<gst::FlowReturn>("push-buffer", &[&buffer])
     }
@@ -170,7 +171,11 @@ impl Edge {
         let max_gap = Duration::from_secs_f64(self.args.max_gap);
         loop {
             std::thread::sleep(Duration::from_millis(100));
-            let gap = self.last_data.lock().unwrap().elapsed();
+            // Held until the clear is done: data arriving meanwhile waits, so a
+            // viewer who connects once the feed is back is never closed for a gap
+            // that just ended.
+            let last_data = self.last_data.lock().unwrap();
+            let gap = last_data.elapsed();
             if gap < max_gap {
                 continue;
             }
