@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod engine;
+pub mod gdp;
 pub mod http;
 mod hub;
 pub mod jwt;

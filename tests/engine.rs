@@ -2629,41 +2629,9 @@ fn most_clients_full_at_once_is_an_overload_and_nobody_is_kicked() {
     );
 }
 
-/// A service that records, each time the IO thread asks it, whether the engine
-/// refuses new clients.
-struct RefusalProbe(Arc<Mutex<Vec<bool>>>);
-
-impl gstrsmultifdsink::engine::Service for RefusalProbe {
-    fn register(&mut self, _: &gstrsmultifdsink::engine::Registry<'_>) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn deregister(&mut self, _: &gstrsmultifdsink::engine::Registry<'_>) {}
-
-    fn event(
-        &mut self,
-        _: &gstrsmultifdsink::engine::Registry<'_>,
-        _: gstrsmultifdsink::engine::ServiceToken,
-    ) {
-    }
-
-    fn tick(
-        &mut self,
-        registry: &gstrsmultifdsink::engine::Registry<'_>,
-        now: Instant,
-    ) -> Option<Instant> {
-        self.0.lock().unwrap().push(registry.refusing_clients());
-        Some(now + Duration::from_millis(5))
-    }
-}
-
 #[test]
 fn refuse_clients_policy_refuses_while_overloaded_and_for_a_second_after() {
     let f = slow_io_fixture(OverloadPolicy::RefuseClients, Duration::from_micros(300), 4);
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    f.engine
-        .set_service(Some(Box::new(RefusalProbe(seen.clone()))))
-        .unwrap();
     // Room for the whole stream: the client itself is never slow.
     let (mine, _peer) = f.roomy_socketpair();
     f.add(mine, latest());
@@ -2672,10 +2640,11 @@ fn refuse_clients_policy_refuses_while_overloaded_and_for_a_second_after() {
         dropped += f.engine.push(overload_buffer(i)).dropped;
     }
     assert!(dropped > 0, "no overload");
+    // As the server asks it for each new connection.
     let refusing_seen = |want: bool| {
         let deadline = Instant::now() + *WAIT;
         loop {
-            if seen.lock().unwrap().last() == Some(&want) {
+            if f.engine.refusing_clients() == want {
                 return Instant::now();
             }
             assert!(Instant::now() < deadline, "refusing never became {want}");
@@ -2688,7 +2657,6 @@ fn refuse_clients_policy_refuses_while_overloaded_and_for_a_second_after() {
     let after = accepted_at - refused_at;
     assert!(after < Duration::from_secs(3), "refused for {after:?}");
     assert_eq!(f.num_handles(), 1);
-    f.engine.set_service(None).unwrap();
 }
 
 #[test]

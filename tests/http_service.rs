@@ -837,6 +837,8 @@ fn sharing_a_port_needs_http_distinct_mounts_and_the_same_port_settings() {
 /// one port; curl fetches both and the captures decode.
 #[test]
 fn gst_launch_serves_video_and_audio_mounts_on_one_port() {
+    // For decoding the captures.
+    init();
     let port = free_port();
     let line = format!(
         "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! \

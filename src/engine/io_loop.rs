@@ -2,7 +2,7 @@
 
 //! The IO thread of a worker: waits on epoll, writes to ready clients in batches,
 //! reads and discards client input, expires idle clients, emits removal signals with
-//! no lock held and, on the first worker, serves the service.
+//! no lock held.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -12,7 +12,6 @@ use nix::errno::Errno;
 use nix::sys::epoll::{EpollEvent, EpollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::service::ServiceHost;
 use super::token::Token;
 use super::types::log;
 use super::uring::Uring;
@@ -25,7 +24,7 @@ const MAX_TIMEOUT_TICK: Duration = Duration::from_secs(1);
 /// The window over which the IO thread measures how busy it is (`io-load`).
 pub(super) const LOAD_WINDOW: Duration = Duration::from_millis(100);
 
-pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
+pub(super) fn run(worker: Arc<Worker>) {
     // Writing to a pipe whose reader is gone raises SIGPIPE in the writing thread.
     // Blocked here, it stays pending instead of killing the process; EPIPE still
     // reports the error. Sockets use MSG_NOSIGNAL.
@@ -36,11 +35,8 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
     log!(worker.listener, Debug, "IO thread started");
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut last_expiry = Instant::now();
-    let mut service_events = Vec::new();
     // Set up when `io-uring` is first on; this thread alone submits to it.
     let mut uring = Uring::NotTried;
-    // Ask the service for its first deadline at once.
-    let mut service_due = Some(Instant::now());
     // How long epoll may wait for the engine's own sake, as of the end of the last
     // pass: anything that changes it later (a push, new settings, a new client)
     // writes the waker, so it need not be read again under the lock.
@@ -49,11 +45,7 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
     let mut window_start = Instant::now();
     let mut busy = Duration::ZERO;
     while !worker.stop.load(Ordering::SeqCst) {
-        let mut wait = engine_wait;
-        if let Some(due) = service_due {
-            let until = due.saturating_duration_since(Instant::now());
-            wait = Some(wait.map_or(until, |w| w.min(until)));
-        }
+        let wait = engine_wait;
         // Round up so a deadline is not polled for in a busy loop.
         let timeout = wait.map_or(EpollTimeout::NONE, |w| {
             let ms = w.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u32;
@@ -75,10 +67,7 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
                 Token::Client(id) => st.client_event(id, ev.events()),
                 Token::Waker => {
                     let _ = worker.waker.read();
-                    // The service may wait for something the waker announces (caps).
-                    service_due = Some(Instant::now());
                 }
-                Token::Service(token) => service_events.push(token),
             }
         }
         // Serve one batch of ready clients, then go back to epoll (without waiting
@@ -156,14 +145,6 @@ pub(super) fn run(worker: Arc<Worker>, service: Option<Arc<ServiceHost>>) {
         // lock again (best effort; `push` never waits for more than one batch).
         if worker.pushers.load(Ordering::Acquire) > 0 {
             std::thread::yield_now();
-        }
-        match &service {
-            Some(host) => {
-                if !service_events.is_empty() || service_due.is_some_and(|d| d <= Instant::now()) {
-                    service_due = host.serve(&worker, &mut service_events);
-                }
-            }
-            None => service_due = None,
         }
         let now = Instant::now();
         busy += now - pass_start;

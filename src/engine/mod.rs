@@ -15,7 +15,7 @@
 //! (epoll's numbers), `client_fd` (the system calls on a client's fd), `write` (a
 //! client's turn of writing), `rules` (where clients stand), `state` (a worker's
 //! clients and queue under its lock), `directory` (which worker holds each fd),
-//! `worker`, `pool` (the workers), `service` (the server's handle), `io_loop` (an IO
+//! `worker`, `pool` (the workers), `io_loop` (an IO
 //! thread), then `Engine` here.
 
 mod batch;
@@ -26,7 +26,6 @@ mod io_loop;
 mod pool;
 mod queue;
 mod rules;
-mod service;
 mod spool;
 mod state;
 mod token;
@@ -36,8 +35,6 @@ mod worker;
 mod write;
 
 pub use self::client::ClientStats;
-pub use self::service::{Registry, Service};
-pub use self::token::ServiceToken;
 pub(crate) use self::types::log;
 pub use self::types::{
     AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, LogLevel,
@@ -48,15 +45,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use self::pool::Pool;
-use self::service::ServiceHost;
 use self::spool::Spool;
 
-/// The fan-out engine: its workers, their IO threads and the service. Every call
+/// The fan-out engine: its workers and their IO threads. Every call
 /// about one client goes to the worker that holds it; buffers, settings and
 /// streamheaders go to all.
 pub struct Engine {
     pool: Arc<Pool>,
-    service: Arc<ServiceHost>,
     /// The IO threads while started, one per worker, in the pool's order.
     threads: Mutex<Vec<JoinHandle<()>>>,
     /// The latest settings, for the workers `set_io_threads` makes.
@@ -73,7 +68,6 @@ impl Engine {
         let settings = Settings::default();
         pool.make_workers(1, &settings)?;
         Ok(Engine {
-            service: Arc::new(ServiceHost::new(pool.clone())),
             pool,
             threads: Mutex::new(Vec::new()),
             settings: Mutex::new(settings),
@@ -107,14 +101,12 @@ impl Engine {
         if !threads.is_empty() {
             return Ok(());
         }
-        for (i, worker) in self.pool.workers().iter().enumerate() {
+        for worker in self.pool.workers().iter() {
             worker.open();
             let worker = worker.clone();
-            // The first worker's IO thread also serves the service.
-            let service = (i == 0).then(|| self.service.clone());
             let thread = std::thread::Builder::new()
                 .name("rsmultifdsink-io".into())
-                .spawn(move || io_loop::run(worker, service))?;
+                .spawn(move || io_loop::run(worker))?;
             threads.push(thread);
         }
         Ok(())
@@ -124,7 +116,7 @@ impl Engine {
     /// queue and streamheader.
     pub fn stop(&self) {
         let mut threads = std::mem::take(&mut *self.threads.lock().unwrap()).into_iter();
-        for (i, worker) in self.pool.workers().iter().enumerate() {
+        for worker in self.pool.workers().iter() {
             worker.halt();
             // A signal handler on the IO thread may stop the element: do not join
             // ourselves; the thread ends when the handler returns.
@@ -132,11 +124,6 @@ impl Engine {
                 && thread.thread().id() != std::thread::current().id()
             {
                 let _ = thread.join();
-            }
-            // The listening sockets and connections still sending a request go
-            // before the clients.
-            if i == 0 {
-                self.service.close(worker);
             }
             worker.close();
         }
@@ -291,23 +278,6 @@ impl Engine {
     /// Whether `fd` is a client that is not being removed.
     pub fn has_client(&self, fd: Fd) -> bool {
         self.pool.worker_of(fd).is_some_and(|w| w.has_client(fd))
-    }
-
-    /// Lets the first IO thread also serve `service` (the server sink's listening
-    /// sockets and its connections before they are clients); `None` deregisters the
-    /// current one.
-    pub fn set_service(&self, service: Option<Box<dyn Service>>) -> std::io::Result<()> {
-        let workers = self.pool.workers();
-        self.service.set(&workers[0], service)?;
-        workers[0].wake();
-        Ok(())
-    }
-
-    /// Wakes the IO threads (for the service to look at what changed).
-    pub fn wake(&self) {
-        for worker in self.pool.workers().iter() {
-            worker.wake();
-        }
     }
 }
 

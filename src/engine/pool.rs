@@ -18,7 +18,7 @@ pub(super) struct Pool {
     listener: Arc<dyn Listener>,
     /// The zero-copy store all workers send from.
     spool: Arc<Spool>,
-    /// With `OverloadPolicy::RefuseClients`: the service refuses new clients until
+    /// With `OverloadPolicy::RefuseClients`: the server refuses new clients until
     /// then (the last overloaded push, plus `REFUSE_AFTER_OVERLOAD`).
     refusing_until: Mutex<Option<Instant>>,
 }

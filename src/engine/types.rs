@@ -218,7 +218,7 @@ pub enum OverloadPolicy {
     /// `push` never waits: lagging clients skip whole buffers, to where
     /// `recover_policy` puts them (`keyframe` when it is `none`).
     DropBuffers,
-    /// As `DropBuffers`, and the service refuses new clients while it lasts.
+    /// As `DropBuffers`, and the server refuses new clients while it lasts.
     RefuseClients,
 }
 
@@ -281,7 +281,7 @@ pub enum AddOutcome {
 }
 
 /// `log!(to, Level, "format", args)`: logs through anything with a
-/// `log(LogLevel, fmt::Arguments)` method (a `Listener`, the service's `Registry`).
+/// `log(LogLevel, fmt::Arguments)` method (a `Listener`, the hub's `MountTarget`).
 macro_rules! log {
     ($to:expr, $level:ident, $($arg:tt)*) => {
         $to.log($crate::engine::LogLevel::$level, format_args!($($arg)*))

@@ -49,7 +49,7 @@ pub(super) struct Load {
 /// application's threads; its IO thread (`io_loop::run`) waits on its epoll.
 pub(super) struct Worker {
     state: Mutex<WorkerState>,
-    /// Its clients' fds and the waker; on the first worker also the service's fds.
+    /// Its clients' fds and the waker.
     pub(super) epoll: Arc<Epoll>,
     pub(super) waker: EventFd,
     /// Asks the IO thread to end.

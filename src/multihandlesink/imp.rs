@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -250,6 +251,8 @@ pub struct RsMultiHandleSink {
     settings: Mutex<Settings>,
     engine: OnceLock<Engine>,
     overload: Mutex<Option<OverloadEpisode>>,
+    /// The caps are `application/x-gdp`: keyframes come from each packet's header.
+    gdp: AtomicBool,
 }
 
 impl RsMultiHandleSink {
@@ -418,6 +421,32 @@ impl RsMultiHandleSink {
             flags.contains(gst::BufferFlags::HEADER),
             pts,
         ))
+    }
+
+    /// A GDP packet's keyframe flag, from the payload buffer's flags in its header:
+    /// `gdppay` does not copy `DELTA_UNIT` to the buffers it pushes, so without
+    /// this every packet would be a keyframe. A buffer that is not exactly one
+    /// packet keeps its own flags.
+    fn gdp_keyframe(&self, chunk: &mut Chunk) {
+        match crate::gdp::PacketHeader::of_packet((*chunk.data).as_ref()) {
+            Ok(header) => {
+                chunk.keyframe = header.is_sync_point();
+                gst::trace!(
+                    CAT,
+                    imp = self,
+                    "GDP packet {:?}, flags {:#06x}: keyframe {}",
+                    header.payload_type,
+                    header.buffer_flags,
+                    chunk.keyframe
+                );
+            }
+            Err(e) => gst::log!(
+                CAT,
+                imp = self,
+                "buffer of {} bytes is not one GDP packet ({e}): its own flags are used",
+                chunk.len()
+            ),
+        }
     }
 
     /// The caps' `streamheader` as payloads; `None` (with a warning) when it is not
@@ -938,13 +967,40 @@ impl BaseSinkImpl for RsMultiHandleSink {
             streamheader.as_ref().map_or(0, Vec::len)
         );
         self.engine().set_streamheader(streamheader);
+        let gdp = caps
+            .structure(0)
+            .is_some_and(|s| s.name() == "application/x-gdp");
+        if gdp {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "GDP stream: clients start on packets of buffers that are not delta units"
+            );
+        }
+        self.gdp.store(gdp, Ordering::Relaxed);
         Ok(())
     }
 
     fn render(&self, buffer: &gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let chunk = Self::chunk_of(buffer).inspect_err(|_| {
+        let mut chunk = Self::chunk_of(buffer).inspect_err(|_| {
             gst::element_imp_error!(self, gst::ResourceError::Read, ["cannot map buffer"]);
         })?;
+        if self.gdp.load(Ordering::Relaxed) {
+            if chunk.header {
+                // gdppay puts every packet it flags HEADER (sticky events, caps, the
+                // payload's streamheader) in the caps' streamheader first; one that
+                // is not there now was replaced (a first caps without streamheader,
+                // as mpegtsmux sends) and must not reach clients after the current.
+                gst::log!(
+                    CAT,
+                    imp = self,
+                    "GDP header packet of {} bytes: the caps' streamheader has it or replaced it, not queued",
+                    chunk.len()
+                );
+                return Ok(gst::FlowSuccess::Ok);
+            }
+            self.gdp_keyframe(&mut chunk);
+        }
         gst::log!(
             CAT,
             imp = self,

@@ -31,7 +31,7 @@ use gst::glib::subclass::prelude::*;
 use gst::prelude::*;
 use gst_base::subclass::prelude::*;
 
-use crate::engine::{self, ClientConfig, Service};
+use crate::engine::{self, ClientConfig};
 
 mod imp;
 
@@ -276,15 +276,6 @@ pub trait RsMultiHandleSinkExt: IsA<RsMultiHandleSink> + 'static {
             .set_report_sent_buffers(report)
     }
 
-    /// Lets the IO thread also serve `service` (a listening socket and the
-    /// connections it accepted but has not made clients yet); `None` detaches it.
-    fn set_service(&self, service: Option<Box<dyn Service>>) -> std::io::Result<()> {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .engine()
-            .set_service(service)
-    }
-
     /// The state the element is in or going to, whichever is higher: a property
     /// that may change only in NULL or READY must not change on the way to PLAYING.
     fn highest_state(&self) -> gst::State {
@@ -296,11 +287,6 @@ pub trait RsMultiHandleSinkExt: IsA<RsMultiHandleSink> + 'static {
         } else {
             current
         }
-    }
-
-    /// Wakes the IO thread so the service looks at what changed.
-    fn wake_service(&self) {
-        self.upcast_ref::<RsMultiHandleSink>().imp().engine().wake()
     }
 }
 

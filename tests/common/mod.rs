@@ -3,6 +3,8 @@
 //! signals.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -424,5 +426,109 @@ pub fn burst_scenario<R: AsFd>(
     h.stop();
     for (_, reader) in &clients {
         assert_nothing_readable(reader);
+    }
+}
+
+/// What decoding a capture from its first byte gave, with the flags of the first
+/// buffer into the decoder that is not a header (`None`: none came).
+pub struct DecodedFromStart {
+    pub decoded: Decoded,
+    pub first_frame_flags: Option<gst::BufferFlags>,
+}
+
+impl DecodedFromStart {
+    /// The first frame the decoder got is a keyframe, and frames came out.
+    pub fn starts_on_keyframe(&self) -> bool {
+        self.decoded.frames > 0
+            && self
+                .first_frame_flags
+                .is_some_and(|f| !f.contains(gst::BufferFlags::DELTA_UNIT))
+    }
+}
+
+/// Decodes a capture with `filesrc ! {demuxer} ! {decoder} name=dec ! fakesink`
+/// and notes the flags of the first non-header buffer reaching the decoder.
+pub fn decode_from_start(capture: &[u8], demuxer: &str, decoder: &str) -> DecodedFromStart {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "rsmfd-start-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::write(&path, capture).unwrap();
+    let (pipeline, frames) = counting(&format!(
+        "filesrc location={} ! {demuxer} ! {decoder} name=dec ! fakesink name=out signal-handoffs=true sync=false",
+        path.display()
+    ));
+    let first: Arc<Mutex<Option<gst::BufferFlags>>> = Default::default();
+    let f = first.clone();
+    pipeline
+        .by_name("dec")
+        .unwrap()
+        .static_pad("sink")
+        .unwrap()
+        .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+            if let Some(b) = info.buffer() {
+                let mut first = f.lock().unwrap();
+                if first.is_none() && !b.flags().contains(gst::BufferFlags::HEADER) {
+                    *first = Some(b.flags());
+                }
+            }
+            gst::PadProbeReturn::Ok
+        });
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let msg = pipeline.bus().unwrap().timed_pop_filtered(
+        gst::ClockTime::from_seconds(30),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    pipeline.set_state(gst::State::Null).unwrap();
+    let _ = std::fs::remove_file(&path);
+    let error = match msg {
+        Some(m) if m.type_() == gst::MessageType::Eos => None,
+        Some(m) => Some(format!("{m:?}")),
+        None => Some("decoding did not finish".into()),
+    };
+    let first_frame_flags = *first.lock().unwrap();
+    DecodedFromStart {
+        decoded: Decoded {
+            frames: frames.load(std::sync::atomic::Ordering::SeqCst),
+            error,
+        },
+        first_frame_flags,
+    }
+}
+
+/// Fetches `path` over HTTP from 127.0.0.1:`port`: the response head and at least
+/// `want` bytes of body, within `deadline`.
+pub fn http_fetch(port: u16, path: &str, want: usize, deadline: Duration) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut data = Vec::new();
+    let mut buf = [0u8; 16384];
+    let start = Instant::now();
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
+            && data.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&data[..end + 4]).to_string();
+            return (head, data[end + 4..].to_vec());
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "GET {path} on port {port}: {} bytes in {deadline:?}",
+            data.len()
+        );
+        match conn.read(&mut buf) {
+            Ok(0) => panic!("GET {path}: closed after {} bytes", data.len()),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(e) => panic!("GET {path}: {e}"),
+        }
     }
 }
