@@ -649,3 +649,52 @@ fn raw_stream_over_tls() {
     let (rest, _) = c.read_to_end(WAIT);
     assert!(rest.is_empty());
 }
+
+/// A connection that never finishes its handshake is closed at `header-timeout`,
+/// as a request-less one is over plain HTTP, and a playing client is untouched.
+#[test]
+fn unfinished_handshake_closed_at_header_timeout() {
+    let pki = TestPki::new();
+    let props = [
+        ("host", "127.0.0.1"),
+        ("port", "0"),
+        ("http", "true"),
+        ("header-timeout", "500000000"),
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ];
+    let mut h = harness("rstcpserversink", &props);
+    let sink = h.sink();
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
+    let mut playing = TlsClient::connect(addr, pki.client_config());
+    playing.handshake(WAIT);
+    playing.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
+    playing.read_head(WAIT);
+    wait_until("the playing client", || {
+        sink.property::<u32>("num-handles") == 1
+    });
+
+    let mut half = client_hello(pki.client_config());
+    half.truncate(half.len() / 2);
+    let start = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut halfway = TcpStream::connect(addr).unwrap();
+    halfway.write_all(&half).unwrap();
+    for s in [&mut silent, &mut halfway] {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        // Closed (EOF or reset) without a byte of answer.
+        assert!(matches!(std::io::Read::read(s, &mut buf), Ok(0) | Err(_)));
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "closed after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    h.push_bytes(&b16(0), false);
+    let want = [&b"<h>"[..], &b16(0)].concat();
+    assert_eq!(playing.read_exact(want.len(), WAIT), want);
+    assert_eq!(sink.property::<u32>("num-handles"), 1);
+}
