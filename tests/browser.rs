@@ -48,7 +48,8 @@ fn mpegts_js() -> Vec<u8> {
 }
 
 /// Added after the README's page: reports to the test's origin once the video has
-/// played `PLAYED_SECONDS` with decoded frames, or the first error mpegts.js gives;
+/// played `PLAYED_SECONDS` (with decoded frames if `WANT_VIDEO`: an audio-only
+/// stream has none), or the first error mpegts.js gives;
 /// mpegts.js' warnings and errors and the progress go to the test's output.
 const REPORTER: &str = r#"
 <script>
@@ -76,9 +77,10 @@ const REPORTER: &str = r#"
       log('time ' + video.currentTime + ' frames ' + quality.totalVideoFrames +
           ' readyState ' + video.readyState);
     }
-    if (video.currentTime >= PLAYED_SECONDS && quality.totalVideoFrames > 0) {
+    if (video.currentTime >= PLAYED_SECONDS && (quality.totalVideoFrames > 0 || !WANT_VIDEO)) {
       report({time: video.currentTime, frames: quality.totalVideoFrames,
-              width: video.videoWidth, height: video.videoHeight});
+              width: video.videoWidth, height: video.videoHeight,
+              audio_bytes: video.webkitAudioDecodedByteCount});
     }
   }, 100);
 </script>
@@ -106,7 +108,8 @@ impl std::fmt::Debug for Report {
 
 /// Runs `line` (the recipe's pipeline, its port swapped for a free one) and opens
 /// the recipe's page, pointed at it, from another origin; returns the page's report.
-fn play_in_chromium(line: &str, page: &str) -> Report {
+/// `video`: the stream has video, so playing means decoded frames too.
+fn play_in_chromium(line: &str, page: &str, video: bool) -> Report {
     common::init();
     let description = line
         .split_whitespace()
@@ -138,7 +141,9 @@ fn play_in_chromium(line: &str, page: &str) -> Report {
         "the README's page plays http://127.0.0.1:8080/"
     );
     let html = page.replace("'http://127.0.0.1:8080/'", &format!("'{stream_url}'"))
-        + &REPORTER.replace("PLAYED_SECONDS", &PLAYED_SECONDS.to_string());
+        + &REPORTER
+            .replace("PLAYED_SECONDS", &PLAYED_SECONDS.to_string())
+            .replace("WANT_VIDEO", &video.to_string());
     let server = browser::serve_page_with(
         html,
         vec![PageFile {
@@ -162,35 +167,92 @@ fn play_in_chromium(line: &str, page: &str) -> Report {
     Report(report_fields(&report))
 }
 
-/// The README's recipe, `cors-origin="*"`: the video plays (its time advances past
-/// 2 s with decoded frames of the stream's size).
+/// `line` with `from` replaced by `to` (which must be there).
+fn swap(line: &str, from: &str, to: &str) -> String {
+    assert!(line.contains(from), "{from:?} not in {line:?}");
+    line.replace(from, to)
+}
+
+/// The README's line of the `recipes` block that uses `muxer`.
+fn readme_recipe_with(muxer: &str) -> String {
+    let readme = include_str!("../README.md");
+    let start = readme.find("<!-- recipes -->").expect("recipes marker");
+    let end = readme
+        .find("<!-- /recipes -->")
+        .expect("recipes end marker");
+    readme[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
+        .find(|l| l.contains(&format!("! {muxer} ")))
+        .unwrap_or_else(|| panic!("no README recipe with {muxer}"))
+        .to_string()
+}
+
+/// Played past `PLAYED_SECONDS` with no error, audio decoded, and (`video`)
+/// decoded frames of the recipe's 640x360.
+fn assert_played(report: &Report, video: bool) {
+    assert_eq!(report.get("error"), None, "mpegts.js failed: {report:?}");
+    let number = |key: &str| -> f64 {
+        report
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {report:?}"))
+    };
+    assert!(number("time") >= PLAYED_SECONDS, "{report:?}");
+    assert!(number("audio_bytes") > 0.0, "no audio decoded: {report:?}");
+    if video {
+        // 25 frames a second; Chromium may still hold a few in its pipeline.
+        assert!(number("frames") >= 25.0, "{report:?}");
+        assert_eq!(report.get("width"), Some("640"), "{report:?}");
+        assert_eq!(report.get("height"), Some("360"), "{report:?}");
+    }
+}
+
+/// The README's recipe, `cors-origin="*"`: MPEG-TS with H.264 and AAC plays (its
+/// time advances past 2 s with decoded frames of the stream's size and audio).
 #[test]
 fn mpegts_js_plays_the_readme_recipe_from_another_origin() {
     let (line, page) = recipe();
     assert!(line.contains(r#"cors-origin="*""#), "{line}");
-    let report = play_in_chromium(&line, &page);
-    assert_eq!(report.get("error"), None, "mpegts.js failed: {report:?}");
-    let time: f64 = report.get("time").unwrap().parse().unwrap();
-    let frames: u64 = report.get("frames").unwrap().parse().unwrap();
-    assert!(time >= PLAYED_SECONDS, "{report:?}");
-    // 25 frames a second; Chromium may still hold a few in its pipeline.
-    assert!(frames >= 25, "{report:?}");
-    assert_eq!(report.get("width"), Some("640"), "{report:?}");
-    assert_eq!(report.get("height"), Some("360"), "{report:?}");
+    let report = play_in_chromium(&line, &page, true);
+    assert_played(&report, true);
 }
 
-/// The control: the same recipe without `cors-origin` is blocked by Chromium, and
-/// mpegts.js says so with a network error.
+/// The same H.264 and AAC in FLV (`flvmux streamable=true`, `type: 'flv'`).
+#[test]
+fn mpegts_js_plays_flv_from_another_origin() {
+    let (line, page) = recipe();
+    let line = swap(
+        &line,
+        "mpegtsmux name=mux",
+        "flvmux name=mux streamable=true",
+    );
+    let page = swap(&page, "type: 'mpegts'", "type: 'flv'");
+    let report = play_in_chromium(&line, &page, true);
+    assert_played(&report, true);
+}
+
+/// The README's MP3 recipes (MPEG-TS and FLV, audio only) with `cors-origin="*"`
+/// play in the same page.
+#[test]
+fn mpegts_js_plays_the_mp3_recipes_from_another_origin() {
+    let (_, page) = recipe();
+    for (muxer, kind) in [("mpegtsmux", "mpegts"), ("flvmux", "flv")] {
+        let line = readme_recipe_with(muxer);
+        let line = swap(&line, "http=true", r#"http=true cors-origin="*""#);
+        let page = swap(&page, "type: 'mpegts'", &format!("type: '{kind}'"));
+        let report = play_in_chromium(&line, &page, false);
+        assert_played(&report, false);
+    }
+}
+
+/// The control: the README's recipe without `cors-origin` is blocked by Chromium,
+/// and mpegts.js says so with a network error.
 #[test]
 fn mpegts_js_fails_without_cors_origin() {
     let (line, page) = recipe();
-    let without: String = line
-        .split_whitespace()
-        .filter(|w| !w.starts_with("cors-origin="))
-        .collect::<Vec<_>>()
-        .join(" ");
-    assert_ne!(without, line);
-    let report = play_in_chromium(&without, &page);
+    let without = swap(&line, r#" cors-origin="*""#, "");
+    let report = play_in_chromium(&without, &page, true);
     assert_eq!(report.get("error"), Some("NetworkError"), "{report:?}");
     assert_eq!(report.get("time"), None, "{report:?}");
 }
