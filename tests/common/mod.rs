@@ -3,6 +3,7 @@
 //! signals.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod netns;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
