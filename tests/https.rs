@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::browser::{Browser, serve_page, video_page};
+use common::browser::{Browser, serve_page};
 use common::tls::{Ending, TestPki, TlsClient, client_hello};
 use common::*;
 use gst::prelude::*;
@@ -213,6 +213,35 @@ fn souphttpsrc_decodes_over_https() {
     server.assert_no_error();
 }
 
+/// A page whose `<video>` plays `src` and reports to the page server: `playing=`,
+/// `error=`, then `played=T&start=S` once it advanced by more than 1 s past 1 s.
+fn video_page(src: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<html><head><title>LOADING</title></head><body>
+<video id="v" src="{src}" autoplay muted></video>
+<script>
+const v = document.getElementById('v');
+let start = null, done = false;
+function report(what) {{ fetch('/report?' + what).catch(() => {{}}); }}
+v.addEventListener('error', () => report('error=' + encodeURIComponent(
+  v.error ? v.error.code + ' ' + v.error.message : 'unknown')));
+v.addEventListener('playing', () => {{
+  if (start === null) start = v.currentTime;
+  report('playing=' + v.currentTime);
+}});
+function check() {{
+  if (!done && start !== null && v.currentTime > 1.0 && v.currentTime - start > 1.0) {{
+    done = true;
+    report('played=' + v.currentTime + '&start=' + start);
+  }}
+}}
+v.addEventListener('timeupdate', check);
+setInterval(check, 100);
+</script></body></html>"#
+    )
+}
+
 /// Headless Chromium plays the WebM stream over HTTPS in a `<video>` (the test
 /// certificate's errors ignored, as the browser does not know the test CA).
 #[test]
@@ -226,15 +255,22 @@ fn chromium_plays_webm_over_https() {
     let sink = server.get("sink");
     streamheader(&sink);
     let html = video_page(&format!("https://localhost:{}/", current_port(&sink)));
-    let (page_port, reports) = serve_page(html);
+    let page = serve_page(html);
     let _browser = Browser::open(
-        &format!("http://127.0.0.1:{page_port}/"),
-        &["--ignore-certificate-errors"],
+        &format!("{}/", page.origin()),
+        &[
+            "--ignore-certificate-errors",
+            "--mute-audio",
+            "--autoplay-policy=no-user-gesture-required",
+        ],
     );
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut seen = Vec::new();
     let played = loop {
-        match reports.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        match page
+            .reports
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             Ok(r) if r.starts_with("played=") => break r,
             Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
             Ok(r) => seen.push(r),

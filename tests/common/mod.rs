@@ -3,14 +3,13 @@
 //! signals.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod netns;
+pub mod tls;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
-
-pub mod browser;
-pub mod tls;
 
 use gst::prelude::*;
 pub use gst_check::Harness;
