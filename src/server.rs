@@ -238,6 +238,30 @@ pub enum Decision {
     Refuse(Refused),
 }
 
+/// Checks `req`'s token against `config`'s `auth-jwt-secret`, for `mount` (a token's
+/// `mount` claim must name it), at `now` (seconds since the epoch). `Ok` with the
+/// token's subject, if any; always `Ok(None)` without a secret; 401 otherwise.
+pub fn authorize(
+    config: &ServerConfig,
+    req: &Request,
+    mount: &str,
+    now: u64,
+) -> Result<Option<String>, Refused> {
+    let Some(verifier) = &config.auth else {
+        return Ok(None);
+    };
+    let token = jwt::token_from_target(&req.target).or_else(|| {
+        req.authorization
+            .as_deref()
+            .and_then(jwt::token_from_authorization)
+            .map(String::from)
+    });
+    match verifier.verify(token.as_deref().unwrap_or(""), mount, now) {
+        Ok(verified) => Ok(verified.subject),
+        Err(e) => Err(Refused::new(401, "Unauthorized", e.to_string())),
+    }
+}
+
 /// What `config` (the policy of the element the request was routed to) answers to
 /// `req`: a preflight, a refusal, or the stream. Checked in this order: the token
 /// (401), the address's clients (429), the element's clients or overload (302 to
@@ -253,21 +277,12 @@ pub fn decide(config: &ServerConfig, req: &Request, s: &Situation) -> Decision {
             )),
         };
     }
-    let mut user = None;
-    if let Some(verifier) = &config.auth {
-        let token = jwt::token_from_target(&req.target).or_else(|| {
-            req.authorization
-                .as_deref()
-                .and_then(jwt::token_from_authorization)
-                .map(String::from)
-        });
-        // A token is for the mount asked for (the path, for an element serving any).
-        let mount = config.mount.as_deref().unwrap_or(&req.path);
-        match verifier.verify(token.as_deref().unwrap_or(""), mount, s.now) {
-            Ok(verified) => user = verified.subject,
-            Err(e) => return Decision::Refuse(Refused::new(401, "Unauthorized", e.to_string())),
-        }
-    }
+    // A token is for the mount asked for (the path, for an element serving any).
+    let mount = config.mount.as_deref().unwrap_or(&req.path);
+    let user = match authorize(config, req, mount, s.now) {
+        Ok(user) => user,
+        Err(refused) => return Decision::Refuse(refused),
+    };
     if config.max_clients_per_ip > 0 && s.clients_from_ip >= config.max_clients_per_ip as usize {
         return Decision::Refuse(Refused::new(
             429,

@@ -974,6 +974,51 @@ fn now_secs() -> u64 {
 }
 
 /// An HS256 token with `claims`, signed with `secret`.
+/// With `auth-jwt-secret`, the metrics path needs a token too (its path as the mount):
+/// the figures are not for everyone who can reach the port.
+#[test]
+fn metrics_path_needs_a_token_where_the_element_has_a_secret() {
+    let (mut h, port) = server(&[
+        ("mount", "/live"),
+        ("metrics-path", "/metrics"),
+        ("auth-jwt-secret", "s3cret"),
+    ]);
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
+    let scrape = |request: String| {
+        let s = send(connect(port), request.as_bytes());
+        let all = read_to_eof(&s);
+        String::from_utf8_lossy(&all).to_string()
+    };
+    let unauthorized = scrape(get_request_string("/metrics", ""));
+    assert!(
+        unauthorized.starts_with("HTTP/1.0 401 Unauthorized\r\n"),
+        "{unauthorized}"
+    );
+    assert!(!unauthorized.contains("rstcpserversink_clients"));
+    let exp = now_secs() + 600;
+    // A viewer's token (for /live) is not a scraper's.
+    let viewer = token("s3cret", &format!(r#"{{"exp":{exp},"mount":"/live"}}"#));
+    let refused = scrape(get_request_string(
+        "/metrics",
+        &format!("Authorization: Bearer {viewer}\r\n"),
+    ));
+    assert!(refused.starts_with("HTTP/1.0 401 "), "{refused}");
+    let scraper = token("s3cret", &format!(r#"{{"exp":{exp},"mount":"/metrics"}}"#));
+    let answer = scrape(get_request_string(
+        "/metrics",
+        &format!("Authorization: Bearer {scraper}\r\n"),
+    ));
+    assert!(answer.starts_with("HTTP/1.0 200 OK\r\n"), "{answer}");
+    assert!(
+        answer.contains("rstcpserversink_clients{mount=\"/live\"} 0\n"),
+        "{answer}"
+    );
+}
+
+fn get_request_string(path: &str, headers: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n")
+}
+
 fn token(secret: &str, claims: &str) -> String {
     use base64::Engine;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;

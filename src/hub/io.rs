@@ -517,6 +517,12 @@ impl Io {
                 mount: mounts[i].clone(),
                 config: configs[i].clone(),
             };
+            // The figures are the service's own business: with a secret, a scrape
+            // needs a token too (for the metrics path as its mount), as Prometheus'
+            // `authorization` setting sends it.
+            if let Err(refused) = server::authorize(&routed.config, &req, &req.path, unix_now()) {
+                return self.refuse(token, routed, Some(&req), refused);
+            }
             return self.answer_metrics(token, &mounts, routed, &req);
         }
         let Some(i) = server::route(configs.iter().map(|c| c.mount.as_deref()), &req.path) else {
@@ -549,9 +555,7 @@ impl Io {
                 0
             },
             refusing: target.refusing_clients(),
-            now: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            now: unix_now(),
         };
         match server::decide(&routed.config, &req, &situation) {
             Decision::Refuse(r) => self.refuse(token, routed, Some(&req), r),
@@ -956,4 +960,11 @@ fn hand_over(target: &Arc<dyn MountTarget>, socket: Socket, info: ClientInfo) {
     if !target.hand_over(fd, info) {
         log!(target, Info, "{client}: not taken, the element is stopping");
     }
+}
+
+/// Seconds since the Unix epoch, for tokens' `exp` and `nbf`.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
