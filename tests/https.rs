@@ -734,3 +734,127 @@ fn unfinished_handshake_closed_at_header_timeout() {
     assert_eq!(playing.read_exact(want.len(), WAIT), want);
     assert_eq!(sink.property::<u32>("num-handles"), 1);
 }
+
+/// Kills a child's whole process group (it was started in its own) on drop.
+struct ChildGroup(std::process::Child);
+
+impl Drop for ChildGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.0.wait();
+    }
+}
+
+/// The README's "put it on the internet" block, run as it stands in a temporary
+/// folder (a free port for 8443, and curl stopped after 4 s): the certificate and the
+/// token come from its openssl lines, gst-launch-1.0 serves both mounts with every
+/// option, curl (with a PROXY header, over TLS, with the token) gets video that
+/// decodes, and the options act: no token, a token for another mount and an
+/// unauthorised scrape get 401; the access log has the viewer with its subject and the
+/// token redacted.
+#[test]
+fn readme_internet_recipe_works() {
+    init();
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("<!-- internet-recipe -->")
+        .expect("internet-recipe marker");
+    let end = readme
+        .find("<!-- /internet-recipe -->")
+        .expect("internet-recipe end marker");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let block = readme[start..end].replace("8443", &port.to_string());
+    let lines: Vec<&str> = block
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("```"))
+        .filter(|l| !l.starts_with("<!--"))
+        .collect();
+    let [openssl, b64, claims, token, launch, curl] = lines[..] else {
+        panic!("the internet recipe changed shape: {lines:?}");
+    };
+    assert!(openssl.starts_with("openssl ") && launch.starts_with("gst-launch-1.0 "));
+    assert!(curl.starts_with("curl "));
+    // Its folder is removed on drop.
+    let pki = TestPki::new();
+    let dir = pki.dir.clone();
+    let sh = |script: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            out,
+        )
+    };
+    let (code, _, out) = sh(&format!(
+        "set -e\n{openssl}\n{b64}\n{claims}\n{token}\nprintf %s \"$TOKEN\" > token"
+    ));
+    assert_eq!(code, Some(0), "{out:?}");
+    let plugins = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let _server = ChildGroup({
+        use std::os::unix::process::CommandExt;
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec {launch}"))
+            .current_dir(&dir)
+            .env("GST_PLUGIN_PATH", &plugins)
+            .stdout(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    });
+    wait_until("gst-launch-1.0 to listen", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let (code, _, out) = sh(&format!("TOKEN=$(cat token)\n{curl} --max-time 4"));
+    assert_eq!(code, Some(28), "{curl}: {out:?}");
+    let capture = std::fs::read(dir.join("video.webm")).unwrap();
+    let decoded = decode(&capture, "matroskademux ! vp8dec");
+    assert!(decoded.frames >= 30, "{} frames", decoded.frames);
+    let status = |target: &str| {
+        let (_, code, out) = sh(&format!(
+            "TOKEN=$(cat token)\ncurl -sk --haproxy-protocol --max-time 4 -o /dev/null \
+             -w '%{{http_code}}' \"https://127.0.0.1:{port}{target}\""
+        ));
+        assert!(!code.is_empty(), "{out:?}");
+        code
+    };
+    assert_eq!(status("/video"), "401", "no token");
+    assert_eq!(status("/audio?token=$TOKEN"), "401", "a token for /video");
+    assert_eq!(status("/metrics"), "401", "a scrape without a token");
+    assert_eq!(status("/nowhere"), "404");
+    let log = dir.join("video.log");
+    wait_until("the viewer's access log line", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains(" 200 "))
+    });
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let viewer = lines
+        .lines()
+        .find(|l| l.contains(" 200 "))
+        .unwrap()
+        .to_string();
+    assert!(viewer.starts_with("127.0.0.1 - ann ["), "{viewer}");
+    assert!(
+        viewer.contains("GET /video?token=REDACTED HTTP/1.1"),
+        "{viewer}"
+    );
+    let secret_token = std::fs::read_to_string(dir.join("token")).unwrap();
+    assert!(!lines.contains(&secret_token), "{lines}");
+}
