@@ -226,6 +226,17 @@ const CLUSTER_ID: [u8; 4] = [0x1f, 0x43, 0xb6, 0x75];
 /// The start of an EBML (Matroska/WebM) header.
 const EBML_ID: [u8; 4] = [0x1a, 0x45, 0xdf, 0xa3];
 
+/// Files removed when dropped, also when the test fails.
+struct TempFiles(Vec<PathBuf>);
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 fn start_origin(host: &Host, description: &str) -> Guard {
     Guard(
         host.command("gst-launch-1.0")
@@ -464,6 +475,9 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
             ))
         })
         .collect();
+    let cfg_path =
+        std::env::temp_dir().join(format!("rsmfd-netns-{}-haproxy.cfg", std::process::id()));
+    let _temp_files = TempFiles(logs.iter().cloned().chain([cfg_path.clone()]).collect());
     for log in &logs {
         let _ = std::fs::remove_file(log);
     }
@@ -528,8 +542,6 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
         );
         cfg = cfg.replace(&maxconn_line, &format!("    maxconn {fits}"));
     }
-    let cfg_path =
-        std::env::temp_dir().join(format!("rsmfd-netns-{}-haproxy.cfg", std::process::id()));
     std::fs::write(&cfg_path, cfg).unwrap();
     let mut balancer_proc = balancer
         .command(&haproxy)
@@ -668,8 +680,4 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
     let new_header = header_of(&played[0].body).to_vec();
     assert_start_with_header(&played, &new_header);
     drop(origin);
-    let _ = std::fs::remove_file(&cfg_path);
-    for log in &logs {
-        let _ = std::fs::remove_file(log);
-    }
 }
