@@ -16,6 +16,7 @@ pub mod multisocketsink;
 pub mod proxy_protocol;
 mod server;
 pub mod tcpserversink;
+pub mod tls;
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), gst::glib::BoolError> {
     multifdsink::register(plugin)?;

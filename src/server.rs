@@ -96,7 +96,26 @@ pub struct PortSettings {
     /// Connections still sending their PROXY header or request (or waiting for
     /// the stream's caps) beyond this many: the oldest is dropped. 0: no cap.
     pub max_pending: u32,
+    /// HTTPS: every connection is TLS, terminated by `tls::Terminator`.
+    pub tls: Option<TlsSettings>,
 }
+
+/// `tls-certificate` and `tls-key`, and the configuration loaded from them when the
+/// element went to READY. Elements on one port agree when they name the same files.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub certificate: String,
+    pub key: String,
+    pub config: Arc<rustls::ServerConfig>,
+}
+
+impl PartialEq for TlsSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.certificate == other.certificate && self.key == other.key
+    }
+}
+
+impl Eq for TlsSettings {}
 
 /// Binds every address `host` resolves to, on `port` (0: a free port, the same for
 /// all), with the given listen backlog. Fails only if none can be bound.

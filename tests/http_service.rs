@@ -1267,75 +1267,11 @@ fn access_log_lines_and_rotation() {
 // 8. CORS in a browser
 // ---------------------------------------------------------------------------
 
-/// Kills Chromium's whole process group (it was started in its own) on drop.
-struct Browser {
-    child: Child,
-    profile: PathBuf,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-/// A tiny HTTP server for a page: `/` is the page, `/report?...` is what its
-/// script tells the test.
-fn serve_page(html: String) -> (u16, std::sync::mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            while find(&req, b"\r\n\r\n").is_none() {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&req);
-            let path = line.split(' ').nth(1).unwrap_or("").to_string();
-            let response = if path == "/" {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
-                    html.len()
-                )
-            } else if let Some(report) = path.strip_prefix("/report?") {
-                let _ = tx.send(report.to_string());
-                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = conn.write_all(response.as_bytes());
-        }
-    });
-    (port, rx)
-}
-
 /// Headless Chromium, on a page from another origin, reads the stream with
 /// `fetch` from the element with `cors-origin` (with an `Authorization` header, so
 /// through a preflight) and is refused the one without it on the same port.
 #[test]
 fn chromium_reads_a_cross_origin_stream_only_with_cors_origin() {
-    let chromium = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    assert!(
-        chromium.exists(),
-        "{} not found: this test needs Chromium (apt-get install chromium, as \
-         scripts/setup-debian does), or set CHROMIUM to its path",
-        chromium.display()
-    );
     let port = free_port();
     let html = format!(
         r#"<!doctype html>
@@ -1363,8 +1299,8 @@ async function read(path, options) {{
 }})();
 </script></body></html>"#
     );
-    let (page_port, reports) = serve_page(html);
-    let origin = format!("http://127.0.0.1:{page_port}");
+    let page = browser::serve_page(html);
+    let origin = page.origin();
     let log = temp_path("access.log");
     let mut cors = on_port(
         port,
@@ -1377,40 +1313,12 @@ async function read(path, options) {{
     let mut plain = on_port(port, &[("mount", "/plain")]);
     cors.set_src_caps(streamheader_caps(&[b"<h>"]));
     plain.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let profile = temp_path("chromium-profile");
-    std::fs::create_dir_all(&profile).unwrap();
-    use std::os::unix::process::CommandExt;
-    let child = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("{origin}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium.display()));
-    let _browser = Browser { child, profile };
+    let _browser = browser::Browser::open(&format!("{origin}/"), &[]);
     // Feed both streams until the page reports.
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let report = loop {
+    let report = page.wait_report(Duration::from_secs(40), || {
         cors.push_bytes(&[7u8; 1024], false);
         plain.push_bytes(&[9u8; 1024], false);
-        match reports.recv_timeout(Duration::from_millis(20)) {
-            Ok(r) => break r,
-            Err(_) => assert!(Instant::now() < deadline, "no report from Chromium"),
-        }
-    };
+    });
     assert_eq!(report, "cors=read200-true&plain=blocked");
     // The Authorization header made Chromium ask first.
     let mut preflight = None;

@@ -147,8 +147,8 @@ fn rsmultifdsink_has_multifdsinks_interface() {
 }
 
 /// rstcpserversink's signals carry fds (it is an rsmultifdsink), not tcpserversink's
-/// GSockets: its properties match, and it has HTTP mode's and `handle-read` of its
-/// own; it does not implement tcpserversink's GstNetworkMessage support.
+/// GSockets: its properties match, and it has HTTP mode's, TLS's and `handle-read` of
+/// its own; it does not implement tcpserversink's GstNetworkMessage support.
 #[test]
 fn rstcpserversink_has_tcpserversinks_properties() {
     let mut extra = OURS.to_vec();
@@ -168,6 +168,8 @@ fn rstcpserversink_has_tcpserversinks_properties() {
         "cors-origin",
         "metrics-path",
         "access-log",
+        "tls-certificate",
+        "tls-key",
     ]);
     assert_same_interface(
         "rstcpserversink",

@@ -10,11 +10,9 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -881,79 +879,10 @@ fn curl_gets_correct_headers() {
     server.assert_no_error();
 }
 
-/// Kills Chromium's whole process group (it started it in its own) on drop.
-struct Browser {
-    child: Child,
-    profile: PathBuf,
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-/// A tiny HTTP server for the page: `/` is the page, `/report?...` is what the
-/// page's script tells the test.
-fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            while find(&req, b"\r\n\r\n").is_none() {
-                match conn.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&req);
-            let path = line.split(' ').nth(1).unwrap_or("").to_string();
-            let response = if path == "/" {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{html}",
-                    html.len()
-                )
-            } else if let Some(report) = path.strip_prefix("/report?") {
-                let _ = tx.send(report.to_string());
-                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_string()
-            };
-            let _ = conn.write_all(response.as_bytes());
-        }
-    });
-    (port, rx)
-}
-
-fn chromium_path() -> PathBuf {
-    let path = std::env::var_os("CHROMIUM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    assert!(
-        path.exists(),
-        "{} not found: the browser test needs Chromium (apt-get install chromium, \
-         as .ci/run does), or set CHROMIUM to its path",
-        path.display()
-    );
-    path
-}
-
 /// Headless Chromium plays the WebM stream in a `<video>` element: its currentTime
 /// passes 1 s and advances by more than 1 s.
 #[test]
 fn chromium_plays_webm_in_video_element() {
-    let chromium = chromium_path();
     let server = Running::launch(WEBM_SERVER);
     let sink = server.get("sink");
     let port = current_port(&sink);
@@ -983,42 +912,17 @@ v.addEventListener('timeupdate', check);
 setInterval(check, 100);
 </script></body></html>"#
     );
-    let (page_port, reports) = serve_page(html);
-    let profile = std::env::temp_dir().join(format!(
-        "rstcpserversink-chromium-{}-{page_port}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&profile);
-    std::fs::create_dir_all(&profile).unwrap();
-    let child = Command::new(&chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--mute-audio",
-            "--autoplay-policy=no-user-gesture-required",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(format!("http://127.0.0.1:{page_port}/"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", chromium.display()));
-    let _browser = Browser { child, profile };
+    let page = browser::serve_page(html);
+    let _browser = browser::Browser::open(
+        &page.origin(),
+        &["--mute-audio", "--autoplay-policy=no-user-gesture-required"],
+    );
 
     let deadline = Instant::now() + Duration::from_secs(40);
     let mut seen = Vec::new();
     let played = loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match reports.recv_timeout(left) {
+        match page.reports.recv_timeout(left) {
             Ok(r) if r.starts_with("played=") => break r,
             Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
             Ok(r) => seen.push(r),

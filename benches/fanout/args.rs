@@ -50,7 +50,8 @@ pub struct Opts {
     /// Elements to run [default: rs,c,raw; sustain: rs,c]
     #[arg(long, alias = "element", value_enum, value_delimiter = ',')]
     pub elements: Vec<Elem>,
-    /// UNIX socketpairs and/or TCP over 127.0.0.1
+    /// UNIX socketpairs, TCP over 127.0.0.1 and/or TLS over it (tls: each connection
+    /// through the TLS terminator, decrypted by the drain)
     #[arg(
         long,
         alias = "transports",

@@ -7,7 +7,7 @@
 //! client's stream is checked to be in order and complete up to the last buffer.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -24,6 +24,8 @@ use crate::os::{
 };
 use crate::spec::{FLAG_MEASURED, MAGIC, STAMP, Transport, is_stalled, parse_enum, parse_kv};
 use crate::system::raise_fd_limit;
+use crate::test_pki::client_config_for;
+use rustls::ClientConnection;
 
 /// stdin is the control socket from the sink process.
 const CONTROL: RawFd = 0;
@@ -31,6 +33,8 @@ const CONTROL: RawFd = 0;
 /// Where a client's stream stands in the drain.
 struct Rx {
     fd: Option<OwnedFd>,
+    /// TLS: the client's connection, which decrypts what `fd` reads.
+    tls: Option<ClientConnection>,
     /// Offset inside the current buffer.
     off: usize,
     hdr: [u8; STAMP],
@@ -53,6 +57,7 @@ impl Rx {
     fn new(fd: Option<OwnedFd>) -> Rx {
         Rx {
             fd,
+            tls: None,
             off: 0,
             hdr: [0; STAMP],
             next_seq: None,
@@ -190,9 +195,12 @@ fn wait_end() -> u64 {
 }
 
 /// The drain's end of every client: fds passed by the sink process (UNIX), or
-/// connections to its listener (TCP).
-fn collect_clients(kv: &BTreeMap<String, String>, n: usize) -> Vec<OwnedFd> {
-    let mut fds: Vec<OwnedFd> = Vec::with_capacity(n);
+/// connections to its listener (TCP; TLS: with the handshake done).
+fn collect_clients(
+    kv: &BTreeMap<String, String>,
+    n: usize,
+) -> Vec<(OwnedFd, Option<ClientConnection>)> {
+    let mut fds: Vec<(OwnedFd, Option<ClientConnection>)> = Vec::with_capacity(n);
     match parse_enum(&kv["transport"]) {
         Transport::Unix => {
             while fds.len() < n {
@@ -201,18 +209,51 @@ fn collect_clients(kv: &BTreeMap<String, String>, n: usize) -> Vec<OwnedFd> {
                     eprintln!("fanout-bench drain: control socket closed early");
                     std::process::exit(2);
                 }
-                fds.extend(got);
+                fds.extend(got.into_iter().map(|fd| (fd, None)));
             }
         }
         Transport::Tcp => {
             let port: u16 = kv["port"].parse().unwrap();
             for _ in 0..n {
                 let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the sink");
-                fds.push(OwnedFd::from(s));
+                fds.push((OwnedFd::from(s), None));
+            }
+        }
+        Transport::Tls => {
+            let port: u16 = kv["port"].parse().unwrap();
+            let config = client_config_for(std::path::Path::new(&kv["ca"]));
+            for _ in 0..n {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the sink");
+                let name = "localhost".try_into().unwrap();
+                let mut c = ClientConnection::new(config.clone(), name).unwrap();
+                while c.is_handshaking() {
+                    c.complete_io(&mut s).expect("TLS handshake with the sink");
+                }
+                while c.wants_write() {
+                    c.write_tls(&mut s).expect("TLS handshake with the sink");
+                }
+                fds.push((OwnedFd::from(s), Some(c)));
             }
         }
     }
     fds
+}
+
+/// Decrypts what a TLS client read into `out`. False: a TLS error (the stream is
+/// broken from here on).
+fn decrypt(conn: &mut ClientConnection, mut data: &[u8], out: &mut Vec<u8>) -> bool {
+    out.clear();
+    let mut chunk = [0u8; 16384];
+    while !data.is_empty() {
+        if conn.read_tls(&mut data).is_err() || conn.process_new_packets().is_err() {
+            return false;
+        }
+        // Ok(0) (close_notify) or WouldBlock (no more now) end the plaintext.
+        while let Ok(n @ 1..) = conn.reader().read(&mut chunk) {
+            out.extend_from_slice(&chunk[..n]);
+        }
+    }
+    true
 }
 
 pub fn main(args: &[String]) {
@@ -235,7 +276,7 @@ pub fn main(args: &[String]) {
     let mut rxs: Vec<Rx> = Vec::with_capacity(n);
     // Never read: their sockets fill up, then the sink's writes to them block.
     let mut held: Vec<OwnedFd> = Vec::with_capacity(stalled);
-    for (i, fd) in collect_clients(&kv, n).into_iter().enumerate() {
+    for (i, (fd, tls)) in collect_clients(&kv, n).into_iter().enumerate() {
         if is_stalled(i, n, stalled) {
             held.push(fd);
             continue;
@@ -244,7 +285,9 @@ pub fn main(args: &[String]) {
         epoll
             .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, rxs.len() as u64))
             .unwrap();
-        rxs.push(Rx::new(Some(fd)));
+        let mut rx = Rx::new(Some(fd));
+        rx.tls = tls;
+        rxs.push(rx);
     }
     if stalled > 0 {
         // The sink knows its UNIX clients by their order; TCP ones by our port.
@@ -299,6 +342,7 @@ fn drain(
 ) -> (DrainStats, usize, bool) {
     let mut stats = DrainStats::new();
     let mut buf = vec![0u8; 256 * 1024];
+    let mut plain = Vec::with_capacity(256 * 1024);
     let mut events = vec![EpollEvent::empty(); 1024];
     let mut open = rxs.len();
     let mut timeout = EpollTimeout::from(100u16);
@@ -322,9 +366,24 @@ fn drain(
                     buf.len(),
                 )
             };
-            if r > 0 {
-                stats.consume(rx, &buf[..r as usize], size, mono_ns());
+            let decrypted = match (r > 0, rx.tls.as_mut()) {
+                (true, Some(conn)) => decrypt(conn, &buf[..r as usize], &mut plain),
+                _ => true,
+            };
+            if r > 0 && decrypted {
+                let data = if rx.tls.is_some() {
+                    &plain[..]
+                } else {
+                    &buf[..r as usize]
+                };
+                stats.consume(rx, data, size, mono_ns());
                 counters.get(C_BYTES).store(stats.bytes, Ordering::Release);
+            } else if r > 0 {
+                // A TLS error: the stream cannot be whole.
+                rx.broken = true;
+                let fd = rx.fd.take().unwrap();
+                let _ = epoll.delete(&fd);
+                open -= 1;
             } else if r == 0 || !matches!(Errno::last(), Errno::EAGAIN | Errno::EINTR) {
                 let fd = rx.fd.take().unwrap();
                 let _ = epoll.delete(&fd);

@@ -42,6 +42,10 @@
 
 #[path = "../common/system.rs"]
 mod system;
+/// The tests' certificate maker and TLS client configuration, for `--transport tls`.
+#[path = "../../tests/common/tls.rs"]
+#[allow(dead_code)]
+mod test_pki;
 
 mod args;
 mod csv;

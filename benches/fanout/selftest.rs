@@ -387,7 +387,7 @@ pub fn main() {
             "--rs-variant",
             "zc-bt:zero-copy=true,batch-time=5000000",
         ],
-        &["--transport", "tcp", "--bitrate", "1M"],
+        &["--transport", "tcp,tls", "--bitrate", "1M"],
         &[
             "--transport",
             "unix",

@@ -26,6 +26,8 @@ use crate::os::{
 use crate::raw::run_raw;
 use crate::spec::{Elem, Spec, Transport, is_stalled, parse_kv};
 use crate::system::{proc_status_kib, raise_fd_limit};
+use crate::test_pki::TestPki;
+use gstrsmultifdsink::tls::Terminator;
 
 /// What the sink process measured.
 pub struct Measured {
@@ -248,7 +250,13 @@ struct Drain {
 }
 
 impl Drain {
-    fn spawn(spec: &Spec, port: u16, counters: &SharedCounters) -> Drain {
+    /// `ca`: the CA file TLS clients trust (TLS only).
+    fn spawn(
+        spec: &Spec,
+        port: u16,
+        ca: Option<&std::path::Path>,
+        counters: &SharedCounters,
+    ) -> Drain {
         let (ctl, ctl_drain) = socketpair(
             AddressFamily::Unix,
             SockType::Stream,
@@ -265,6 +273,7 @@ impl Drain {
             .arg(format!("port={port}"))
             .arg(format!("deadline={}", spec.deadline + 5.0))
             .arg(format!("stalled={}", spec.stalled))
+            .args(ca.map(|ca| format!("ca={}", ca.display())))
             .stdin(Stdio::from(ctl_drain))
             .stdout(Stdio::piped())
             .spawn()
@@ -358,14 +367,27 @@ fn listen() -> TcpListener {
 }
 
 /// TCP: accepts on a thread of its own while the element is set up and the drain
-/// connects; each connection with the drain's port.
-fn accept_all(l: &TcpListener, n: usize) -> JoinHandle<Vec<(OwnedFd, u16)>> {
+/// connects; each connection with the drain's port. TLS: each one wrapped at once
+/// (the drain's handshake needs the terminator's answers), the client being the
+/// plaintext end.
+fn accept_all(
+    l: &TcpListener,
+    n: usize,
+    tls: Option<Arc<Terminator>>,
+) -> JoinHandle<Vec<(OwnedFd, u16)>> {
     let l = l.try_clone().expect("listener clone");
     std::thread::spawn(move || {
         (0..n)
             .map(|_| {
                 let (s, peer) = l.accept().expect("accept");
-                (OwnedFd::from(s), peer.port())
+                let fd = match &tls {
+                    None => OwnedFd::from(s),
+                    Some(t) => OwnedFd::from(
+                        t.wrap(s, Vec::new(), Instant::now() + Duration::from_secs(60))
+                            .expect("TLS wrap"),
+                    ),
+                };
+                (fd, peer.port())
             })
             .collect()
     })
@@ -378,12 +400,26 @@ pub fn main(args: &[String]) {
     raise_fd_limit(u64::MAX);
 
     let counters = Arc::new(SharedCounters::create());
-    let listener = (spec.transport == Transport::Tcp).then(listen);
+    let listener = matches!(spec.transport, Transport::Tcp | Transport::Tls).then(listen);
     let port = listener
         .as_ref()
         .map_or(0, |l| l.local_addr().unwrap().port());
-    let mut drain = Drain::spawn(&spec, port, &counters);
-    let acceptor = listener.as_ref().map(|l| accept_all(l, spec.clients));
+    // TLS: a test CA and server certificate, and the terminator (its thread is part
+    // of this process's CPU time).
+    let tls = (spec.transport == Transport::Tls).then(|| {
+        let pki = TestPki::new();
+        let term = Terminator::new(pki.server_config(), Arc::new(|_, _| {})).expect("TLS thread");
+        (pki, Arc::new(term))
+    });
+    let mut drain = Drain::spawn(
+        &spec,
+        port,
+        tls.as_ref().map(|(p, _)| p.ca.as_path()),
+        &counters,
+    );
+    let acceptor = listener
+        .as_ref()
+        .map(|l| accept_all(l, spec.clients, tls.as_ref().map(|(_, t)| t.clone())));
     let element = match spec.elem {
         Elem::Raw | Elem::RawUring => None,
         e => Some(ElementRun::new(&spec, e)),
@@ -419,7 +455,10 @@ pub fn main(args: &[String]) {
     };
     // Every client fd is closed now: the drain sees EOF everywhere and reports.
     drop(listener);
+    // TLS: the terminator sends each stream's end (close_notify) as the element
+    // closes its ends; it stays until the drain has seen them all.
     let drain_result = drain.result(m.pushed);
+    drop(tls);
     let mut out = format!(
         "RESULT status=ok elem={} cpu_user_s={:.4} cpu_sys_s={:.4} nvcsw={} nivcsw={} window_s={:.4} \
          flush_s={:.4} flushed={} pushed={} measured_pushed={} kicked={} lost={} \

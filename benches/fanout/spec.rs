@@ -81,6 +81,9 @@ impl Variant {
 pub enum Transport {
     Unix,
     Tcp,
+    /// TCP with TLS: each accepted connection wrapped by `tls::Terminator` in the
+    /// sink process (the element writes to its plaintext end); the drain decrypts.
+    Tls,
 }
 
 impl Transport {
@@ -88,6 +91,7 @@ impl Transport {
         match self {
             Transport::Unix => "unix",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
     }
 }

@@ -321,7 +321,19 @@ impl Io {
                 user: None,
                 head_bytes: 0,
             };
-            hand_over(target, Socket::Tcp(stream), info);
+            // Raw TCP over TLS: the element streams to the plaintext end at once;
+            // the handshake must end by `header-timeout` as a request would.
+            let socket = match &self.wrap {
+                None => Socket::Tcp(stream),
+                Some(wrap) => match wrap(stream, Vec::new(), now + first.config.header_timeout) {
+                    Ok(plain) => Socket::Unix(plain),
+                    Err(e) => {
+                        log!(target, Info, "{peer}: cannot be wrapped: {e}; closed");
+                        return;
+                    }
+                },
+            };
+            hand_over(target, socket, info);
             return;
         }
         let max_pending = self.settings.max_pending as usize;

@@ -304,6 +304,22 @@ fn compatible(hub: &Hub, settings: &PortSettings, config: &ServerConfig) -> Resu
             ours.max_pending.to_string(),
         );
     }
+    let cert = |s: &PortSettings| {
+        s.tls
+            .as_ref()
+            .map_or_else(|| "unset".to_string(), |t| t.certificate.clone())
+    };
+    let key = |s: &PortSettings| {
+        s.tls
+            .as_ref()
+            .map_or_else(|| "unset".to_string(), |t| t.key.clone())
+    };
+    if cert(settings) != cert(ours) {
+        return differs("tls-certificate", cert(settings), cert(ours));
+    }
+    if key(settings) != key(ours) {
+        return differs("tls-key", key(settings), key(ours));
+    }
     if let Some(first) = &first {
         if config.header_timeout != first.header_timeout {
             return differs(
@@ -439,6 +455,7 @@ mod tests {
             backlog: 16,
             proxy_protocol: false,
             max_pending: 0,
+            tls: None,
         }
     }
 

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::sync::{Arc, LazyLock, Mutex, Once};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use crate::multihandlesink::{
     sink_metadata,
 };
 use crate::server::{self, PortSettings, ServerConfig};
+use crate::tls;
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
     gst::DebugCategory::new(
@@ -53,6 +55,9 @@ struct ListenSettings {
     proxy_protocol: bool,
     max_pending: u32,
     access_log: Option<String>,
+    /// `tls-certificate` and `tls-key`: PEM files, loaded at NULL→READY.
+    tls_certificate: Option<String>,
+    tls_key: Option<String>,
 }
 
 impl Default for ListenSettings {
@@ -64,6 +69,8 @@ impl Default for ListenSettings {
             proxy_protocol: false,
             max_pending: 0,
             access_log: None,
+            tls_certificate: None,
+            tls_key: None,
         }
     }
 }
@@ -292,24 +299,42 @@ impl RsTcpServerSink {
             backlog,
             proxy_protocol,
             max_pending,
+            tls_certificate,
+            tls_key,
             ..
         } = self.listen.lock().unwrap().clone();
+        let tls = self.load_tls(tls_certificate, tls_key)?;
+        let https = tls.is_some();
         let settings = PortSettings {
             host,
             port: port as u16,
             backlog,
             proxy_protocol,
             max_pending,
+            tls,
         };
         let target = Arc::new(Target {
             element: self.obj().downgrade(),
             served: self.served.clone(),
             config: self.server_config.clone(),
         });
-        // Connections are served as accepted (TLS, when it comes, wraps them here).
-        let plain = || Ok(None);
-        let membership =
-            hub::join(&settings, self.server_config.clone(), target, plain).map_err(|e| {
+        // HTTPS: a new hub wraps each connection with a TLS terminator of its own
+        // (which logs as this element, the port's first).
+        let log_target: Arc<dyn MountTarget> = target.clone();
+        let tls_config = settings.tls.as_ref().map(|t| t.config.clone());
+        let make_wrap = move || -> Result<Option<hub::Wrap>, String> {
+            let Some(config) = tls_config else {
+                return Ok(None);
+            };
+            let log: tls::LogFn = Arc::new(move |level, args| log_target.log(level, args));
+            let terminator = tls::Terminator::new(config, log)
+                .map_err(|e| format!("cannot start the TLS thread: {e}"))?;
+            Ok(Some(Arc::new(move |tcp, already_read, deadline| {
+                terminator.wrap(tcp, already_read, deadline)
+            })))
+        };
+        let membership = hub::join(&settings, self.server_config.clone(), target, make_wrap)
+            .map_err(|e| {
                 let settings_error = matches!(e, hub::JoinError::Conflict(_));
                 // The reason is the message itself: gst-launch-1.0 prints it as is.
                 if settings_error {
@@ -322,17 +347,51 @@ impl RsTcpServerSink {
         gst::info!(
             CAT,
             imp = self,
-            "listening on {:?} (backlog {backlog}{})",
+            "listening on {:?} (backlog {backlog}{}{})",
             membership.addrs(),
             if proxy_protocol {
                 ", PROXY protocol"
             } else {
                 ""
-            }
+            },
+            if https { ", TLS" } else { "" }
         );
         *self.membership.lock().unwrap() = Some(membership);
         self.obj().notify("current-port");
         Ok(())
+    }
+
+    /// Reads `tls-certificate` and `tls-key`, if set: both or neither; a file that
+    /// cannot be used fails READY with the reason.
+    fn load_tls(
+        &self,
+        certificate: Option<String>,
+        key: Option<String>,
+    ) -> Result<Option<server::TlsSettings>, gst::ErrorMessage> {
+        let (certificate, key) = match (certificate, key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(_), None) => {
+                return Err(gst::error_msg!(
+                    gst::ResourceError::Settings,
+                    ("tls-certificate is set but tls-key is not: HTTPS needs both")
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(gst::error_msg!(
+                    gst::ResourceError::Settings,
+                    ("tls-key is set but tls-certificate is not: HTTPS needs both")
+                ));
+            }
+        };
+        let config = tls::load_server_config(Path::new(&certificate), Path::new(&key))
+            .map_err(|e| gst::error_msg!(gst::ResourceError::OpenRead, ("{}", e)))?;
+        gst::info!(CAT, imp = self, "TLS with {certificate} and {key}");
+        Ok(Some(server::TlsSettings {
+            certificate,
+            key,
+            config,
+        }))
     }
 
     /// Leaves the port (the last element on it closes it).
@@ -386,6 +445,8 @@ impl RsTcpServerSink {
                 "port" => listen.port = value.get().unwrap(),
                 "proxy-protocol" => listen.proxy_protocol = value.get().unwrap(),
                 "max-pending" => listen.max_pending = value.get().unwrap(),
+                "tls-certificate" => listen.tls_certificate = optional_string(value),
+                "tls-key" => listen.tls_key = optional_string(value),
                 "access-log" => {
                     listen.access_log = value
                         .get::<Option<String>>()
@@ -518,6 +579,16 @@ impl ObjectImpl for RsTcpServerSink {
                     .nick("Metrics path")
                     .blurb("In HTTP mode, GET of this path answers Prometheus metrics of every element on the port")
                     .build(),
+                glib::ParamSpecString::builder("tls-certificate")
+                    .nick("TLS certificate")
+                    .blurb("PEM file with the server's certificate, then any intermediates: with tls-key, the port speaks HTTPS (read at READY; the port's)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("tls-key")
+                    .nick("TLS key")
+                    .blurb("PEM file with the private key of tls-certificate (PKCS#8, PKCS#1 or SEC1, unencrypted)")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("access-log")
                     .nick("Access log")
                     .blurb("In HTTP mode, append one line per finished client and per refused request to this file (opened at READY; reopened on SIGHUP or when renamed)")
@@ -537,7 +608,14 @@ impl ObjectImpl for RsTcpServerSink {
         }
         if matches!(
             pspec.name(),
-            "host" | "port" | "listen-backlog" | "proxy-protocol" | "max-pending" | "access-log"
+            "host"
+                | "port"
+                | "listen-backlog"
+                | "proxy-protocol"
+                | "max-pending"
+                | "access-log"
+                | "tls-certificate"
+                | "tls-key"
         ) {
             self.set_listen_property(pspec.name(), value);
             return;
@@ -576,6 +654,8 @@ impl ObjectImpl for RsTcpServerSink {
             "proxy-protocol" => listen.proxy_protocol.to_value(),
             "max-pending" => listen.max_pending.to_value(),
             "access-log" => listen.access_log.to_value(),
+            "tls-certificate" => listen.tls_certificate.to_value(),
+            "tls-key" => listen.tls_key.to_value(),
             "http" => http.http.to_value(),
             "mount" => http.mount.to_value(),
             "max-clients" => http.max_clients.to_value(),

@@ -3,7 +3,9 @@
 //! signals.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod netns;
+pub mod tls;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, Once};

@@ -1,0 +1,736 @@
+//! `rstcpserversink` over HTTPS (`tls-certificate`, `tls-key`), with real clients:
+//! curl with the test CA (against a plain HTTP element fed the same stream: both
+//! decode, same streamheader), souphttpsrc decoding, headless Chromium playing WebM
+//! in a `<video>`, exact bytes to 100 TLS clients while a flood of half-open
+//! handshakes is pending, and the clear errors of a bad certificate or key at READY.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::browser::{Browser, serve_page};
+use common::tls::{Ending, TestPki, TlsClient, client_hello};
+use common::*;
+use gst::prelude::*;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn current_port(sink: &gst::Element) -> u16 {
+    let port = sink.property::<i32>("current-port");
+    assert!((1..=65535).contains(&port), "current-port is {port}");
+    port as u16
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The TLS properties for `pki`, as gst-launch-1.0 takes them.
+fn tls_props(pki: &TestPki) -> String {
+    format!(
+        "tls-certificate={} tls-key={}",
+        pki.cert.display(),
+        pki.key.display()
+    )
+}
+
+/// A pipeline in PLAYING; NULL on drop.
+struct Running {
+    pipeline: gst::Pipeline,
+}
+
+impl Running {
+    fn launch(desc: &str) -> Running {
+        init();
+        let pipeline = gst::parse::launch(desc)
+            .unwrap_or_else(|e| panic!("{desc}: {e}"))
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        pipeline
+            .set_state(gst::State::Playing)
+            .unwrap_or_else(|e| panic!("{desc}: {e}"));
+        Running { pipeline }
+    }
+
+    fn get(&self, name: &str) -> gst::Element {
+        self.pipeline.by_name(name).unwrap()
+    }
+
+    fn assert_no_error(&self) {
+        let bus = self.pipeline.bus().unwrap();
+        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+            panic!("pipeline error: {msg:?}");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
+    }
+}
+
+const VIDEO: &str = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! \
+     vp8enc deadline=1 keyframe-max-dist=15 ! webmmux streamable=true";
+
+/// The sink's caps' streamheader, concatenated, once the caps are there.
+fn streamheader(sink: &gst::Element) -> Vec<u8> {
+    let pad = sink.static_pad("sink").unwrap();
+    let mut caps = None;
+    wait_until("caps with a streamheader", || {
+        caps = pad
+            .current_caps()
+            .filter(|c| c.structure(0).unwrap().has_field("streamheader"));
+        caps.is_some()
+    });
+    let array = caps
+        .unwrap()
+        .structure(0)
+        .unwrap()
+        .get::<gst::Array>("streamheader")
+        .unwrap();
+    let mut out = Vec::new();
+    for v in array.iter() {
+        out.extend_from_slice(&v.get::<gst::Buffer>().unwrap().map_readable().unwrap());
+    }
+    out
+}
+
+/// curl over HTTPS with the test CA gets the stream (head, streamheader, data that
+/// decodes), as a plain HTTP client of an element fed the same stream does.
+#[test]
+fn curl_over_https_and_plain_http_both_decode() {
+    let pki = TestPki::new();
+    let server = Running::launch(&format!(
+        "{VIDEO} ! tee name=t \
+         t. ! queue ! rstcpserversink name=tls http=true host=127.0.0.1 port=0 \
+              sync-method=latest-keyframe {} \
+         t. ! queue ! rstcpserversink name=plain http=true host=127.0.0.1 port=0 \
+              sync-method=latest-keyframe",
+        tls_props(&pki)
+    ));
+    let (tls, plain) = (server.get("tls"), server.get("plain"));
+    let header = streamheader(&tls);
+    assert_eq!(streamheader(&plain), header);
+    let captures = [
+        (
+            format!("https://localhost:{}/", current_port(&tls)),
+            pki.path("tls.webm"),
+        ),
+        (
+            format!("http://127.0.0.1:{}/", current_port(&plain)),
+            pki.path("plain.webm"),
+        ),
+    ];
+    let curls: Vec<_> = captures
+        .iter()
+        .map(|(url, out)| {
+            Command::new("curl")
+                .args(["-sS", "--max-time", "4", "--cacert"])
+                .arg(&pki.ca)
+                .arg("-o")
+                .arg(out)
+                .arg(url)
+                // Its "(28) Operation timed out" is expected.
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("curl")
+        })
+        .collect();
+    for (mut curl, (url, out)) in curls.into_iter().zip(&captures) {
+        // 28: the live stream does not end, curl stops at --max-time.
+        assert_eq!(curl.wait().unwrap().code(), Some(28), "curl {url}");
+        let capture = std::fs::read(out).unwrap();
+        assert!(capture.starts_with(&header), "{url}: no streamheader first");
+        let decoded = decode(&capture, "matroskademux ! vp8dec");
+        assert!(decoded.frames >= 30, "{url}: {} frames", decoded.frames);
+    }
+    // HEAD over HTTPS: the head alone, then a clean TLS end (curl checks it).
+    let out = Command::new("curl")
+        .args(["-sS", "-I", "--max-time", "10", "--cacert"])
+        .arg(&pki.ca)
+        .arg(&captures[0].0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let head = String::from_utf8_lossy(&out.stdout);
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    assert!(head.contains("Content-Type: video/webm"), "{head}");
+    server.assert_no_error();
+}
+
+/// souphttpsrc verifies the server with the test CA and decodes the stream.
+#[test]
+fn souphttpsrc_decodes_over_https() {
+    let pki = TestPki::new();
+    let server = Running::launch(&format!(
+        "{VIDEO} ! rstcpserversink name=sink http=true host=127.0.0.1 port=0 \
+         sync-method=latest-keyframe {}",
+        tls_props(&pki)
+    ));
+    let sink = server.get("sink");
+    streamheader(&sink);
+    // Verified against the test CA through `tls-database` (`ssl-ca-file` is not
+    // applied by Debian 12's souphttpsrc with libsoup 3: it answers "Unacceptable
+    // TLS certificate" for a chain the same file database accepts).
+    let (client, frames) = counting(&format!(
+        "souphttpsrc name=src location=https://localhost:{}/ ssl-strict=true ! \
+         matroskademux ! vp8dec ! fakesink name=out signal-handoffs=true sync=false",
+        current_port(&sink)
+    ));
+    let database = gio::TlsFileDatabase::new(&pki.ca).unwrap();
+    client
+        .by_name("src")
+        .unwrap()
+        .set_property("tls-database", &database);
+    client.set_state(gst::State::Playing).unwrap();
+    let start = Instant::now();
+    while frames.load(Ordering::SeqCst) < 30 {
+        if let Some(msg) = client
+            .bus()
+            .unwrap()
+            .pop_filtered(&[gst::MessageType::Error])
+        {
+            panic!("souphttpsrc: {msg:?}");
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "souphttpsrc decoded {} frames",
+            frames.load(Ordering::SeqCst)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    client.set_state(gst::State::Null).unwrap();
+    server.assert_no_error();
+}
+
+/// A page whose `<video>` plays `src` and reports to the page server: `playing=`,
+/// `error=`, then `played=T&start=S` once it advanced by more than 1 s past 1 s.
+fn video_page(src: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<html><head><title>LOADING</title></head><body>
+<video id="v" src="{src}" autoplay muted></video>
+<script>
+const v = document.getElementById('v');
+let start = null, done = false;
+function report(what) {{ fetch('/report?' + what).catch(() => {{}}); }}
+v.addEventListener('error', () => report('error=' + encodeURIComponent(
+  v.error ? v.error.code + ' ' + v.error.message : 'unknown')));
+v.addEventListener('playing', () => {{
+  if (start === null) start = v.currentTime;
+  report('playing=' + v.currentTime);
+}});
+function check() {{
+  if (!done && start !== null && v.currentTime > 1.0 && v.currentTime - start > 1.0) {{
+    done = true;
+    report('played=' + v.currentTime + '&start=' + start);
+  }}
+}}
+v.addEventListener('timeupdate', check);
+setInterval(check, 100);
+</script></body></html>"#
+    )
+}
+
+/// Headless Chromium plays the WebM stream over HTTPS in a `<video>` (the test
+/// certificate's errors ignored, as the browser does not know the test CA).
+#[test]
+fn chromium_plays_webm_over_https() {
+    let pki = TestPki::new();
+    let server = Running::launch(&format!(
+        "{VIDEO} ! rstcpserversink name=sink http=true host=127.0.0.1 port=0 \
+         sync-method=latest-keyframe {}",
+        tls_props(&pki)
+    ));
+    let sink = server.get("sink");
+    streamheader(&sink);
+    let html = video_page(&format!("https://localhost:{}/", current_port(&sink)));
+    let page = serve_page(html);
+    let _browser = Browser::open(
+        &format!("{}/", page.origin()),
+        &[
+            "--ignore-certificate-errors",
+            "--mute-audio",
+            "--autoplay-policy=no-user-gesture-required",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut seen = Vec::new();
+    let played = loop {
+        match page
+            .reports
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(r) if r.starts_with("played=") => break r,
+            Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
+            Ok(r) => seen.push(r),
+            Err(_) => panic!("Chromium did not play 1 s over HTTPS; reports: {seen:?}"),
+        }
+    };
+    let current: f64 = played
+        .strip_prefix("played=")
+        .and_then(|r| r.split('&').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap();
+    assert!(current > 1.0, "{played}");
+    server.assert_no_error();
+}
+
+/// A missing, unreadable or mismatched certificate or key fails NULL -> READY with
+/// a message that names the file; one of the two without the other too.
+#[test]
+fn bad_certificate_or_key_fails_ready_with_the_reason() {
+    init();
+    let pki = TestPki::new();
+    let other = pki.other_key();
+    let missing = pki.path("missing.pem");
+    let cases: Vec<(Option<&std::path::Path>, Option<&std::path::Path>, String)> = vec![
+        (
+            Some(&missing),
+            Some(&pki.key),
+            format!("cannot read the TLS certificate file {}", missing.display()),
+        ),
+        (
+            Some(&pki.cert),
+            Some(&missing),
+            format!("cannot read the TLS key file {}", missing.display()),
+        ),
+        (
+            Some(&pki.cert),
+            Some(&other),
+            format!(
+                "the TLS key in {} does not belong to the certificate",
+                other.display()
+            ),
+        ),
+        (
+            Some(&pki.key),
+            Some(&pki.key),
+            "holds no certificate".into(),
+        ),
+        (Some(&pki.cert), None, "tls-key".into()),
+        (None, Some(&pki.key), "tls-certificate".into()),
+    ];
+    for (cert, key, want) in cases {
+        let sink = gst::ElementFactory::make("rstcpserversink")
+            .property("http", true)
+            .property("host", "127.0.0.1")
+            .property("port", 0i32)
+            .build()
+            .unwrap();
+        if let Some(c) = cert {
+            sink.set_property("tls-certificate", c.to_str().unwrap());
+        }
+        if let Some(k) = key {
+            sink.set_property("tls-key", k.to_str().unwrap());
+        }
+        let pipeline = gst::Pipeline::new();
+        pipeline.add(&sink).unwrap();
+        let bus = pipeline.bus().unwrap();
+        assert!(
+            pipeline.set_state(gst::State::Ready).is_err(),
+            "READY with {cert:?} / {key:?}"
+        );
+        let msg = bus
+            .pop_filtered(&[gst::MessageType::Error])
+            .expect("an error message");
+        let text = match msg.view() {
+            gst::MessageView::Error(e) => format!("{} {:?}", e.error(), e.debug()),
+            _ => unreachable!(),
+        };
+        assert!(text.contains(&want), "{text:?} lacks {want:?}");
+        pipeline.set_state(gst::State::Null).unwrap();
+    }
+}
+
+/// 100 TLS clients get exactly the bytes pushed while 200 half-open handshakes (half
+/// silent, half with half a ClientHello) are pending; nobody is removed, and the
+/// flood goes when its clients do.
+#[test]
+fn handshake_flood_while_100_clients_play() {
+    let pki = TestPki::new();
+    let props = [
+        ("host", "127.0.0.1"),
+        ("port", "0"),
+        ("http", "true"),
+        ("header-timeout", "60000000000"),
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ];
+    let mut h = harness("rstcpserversink", &props);
+    let sink = h.sink();
+    let port = current_port(&sink);
+    let rec = Recorder::attach(&sink);
+    h.set_src_caps(streamheader_caps(&[b"<head>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let config = pki.client_config();
+    let mut clients: Vec<TlsClient> = (0..100)
+        .map(|_| {
+            let mut c = TlsClient::connect(addr, config.clone());
+            c.handshake(WAIT);
+            c.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
+            c
+        })
+        .collect();
+    for c in clients.iter_mut() {
+        let head = c.read_head(WAIT);
+        assert!(
+            head.starts_with(b"HTTP/1.0 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&head)
+        );
+    }
+    wait_until("100 clients", || sink.property::<u32>("num-handles") == 100);
+
+    let mut half = client_hello(config.clone());
+    half.truncate(half.len() / 2);
+    let flood: Vec<TcpStream> = (0..200)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            if i % 2 == 1 {
+                s.write_all(&half).unwrap();
+            }
+            s
+        })
+        .collect();
+    let mut want = b"<head>".to_vec();
+    for i in 0..200 {
+        h.push_bytes(&b16(i), false);
+        want.extend(b16(i));
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        let got = c.read_exact(want.len(), WAIT);
+        assert!(got == want, "client {i}: bytes differ");
+    }
+    // The flood is still pending: the server has closed none of it.
+    for s in &flood {
+        let mut fds = [PollFd::new(std::os::fd::AsFd::as_fd(s), PollFlags::POLLIN)];
+        assert_eq!(
+            poll(&mut fds, PollTimeout::ZERO).unwrap(),
+            0,
+            "a flood connection was answered"
+        );
+    }
+    drop(flood);
+    assert!(
+        !rec.events().iter().any(|e| matches!(e, Event::Removed(..))),
+        "{:?}",
+        rec.events()
+    );
+    // The clients leave cleanly; the element ends their TLS streams at NULL.
+    h.sink().set_state(gst::State::Null).unwrap();
+    for c in clients.iter_mut() {
+        let (rest, ending) = c.read_to_end(WAIT);
+        assert!(rest.is_empty());
+        assert_eq!(ending, Ending::CloseNotify);
+    }
+}
+
+/// The README's HTTPS recipe, run as it stands (the files in a temporary folder and
+/// a free port swapped in): the openssl line makes the certificate, the gst-launch
+/// line serves it, the curl line gets a stream that decodes.
+#[test]
+fn readme_https_recipe_works() {
+    init();
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("<!-- https-recipe -->")
+        .expect("https-recipe marker");
+    let end = readme
+        .find("<!-- /https-recipe -->")
+        .expect("https-recipe end marker");
+    let lines: Vec<&str> = readme[start..end]
+        .lines()
+        .filter(|l| {
+            l.starts_with("openssl ") || l.starts_with("gst-launch-1.0 ") || l.starts_with("curl ")
+        })
+        .collect();
+    let [openssl, launch, curl] = lines[..] else {
+        panic!("the HTTPS recipe has an openssl, a gst-launch-1.0 and a curl line: {lines:?}");
+    };
+    let dir = TestPki::new();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(openssl)
+        .current_dir(&dir.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{openssl}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let description = launch
+        .strip_prefix("gst-launch-1.0 ")
+        .unwrap()
+        .split_whitespace()
+        .map(|w| match w.split_once('=') {
+            Some(("port", _)) => "port=0".to_string(),
+            Some((k @ ("tls-certificate" | "tls-key"), file)) => {
+                format!("{k}={}", dir.path(file).display())
+            }
+            _ => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let server = Running::launch(&description);
+    let sink = server
+        .pipeline
+        .iterate_sinks()
+        .into_iter()
+        .flatten()
+        .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
+        .unwrap();
+    streamheader(&sink);
+    let port = current_port(&sink);
+    let curl_line = curl
+        .split_whitespace()
+        .map(|w| match w.strip_prefix("https://127.0.0.1:") {
+            Some(_) => format!("https://127.0.0.1:{port}/"),
+            None => w.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{curl_line} --max-time 4"))
+        .current_dir(&dir.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(28), "{curl_line}: {out:?}");
+    let capture = std::fs::read(dir.path("out.webm")).unwrap();
+    let decoded = decode(&capture, "matroskademux ! vp8dec");
+    assert!(decoded.frames >= 30, "{} frames", decoded.frames);
+    server.assert_no_error();
+}
+
+/// Behind a load balancer: the PROXY header comes in plain text, then the TLS
+/// handshake (here in the same packet as the header, so the bytes read past the
+/// header go to the terminator with the socket). The header's address is the
+/// client's: `max-clients-per-ip=1` refuses a second client from 192.0.2.7 with
+/// 429 over TLS and serves one from 192.0.2.8.
+#[test]
+fn proxy_header_then_tls() {
+    let pki = TestPki::new();
+    let props = [
+        ("host", "127.0.0.1"),
+        ("port", "0"),
+        ("http", "true"),
+        ("proxy-protocol", "true"),
+        ("max-clients-per-ip", "1"),
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ];
+    let mut h = harness("rstcpserversink", &props);
+    let sink = h.sink();
+    let port = current_port(&sink);
+    h.set_src_caps(streamheader_caps(&[b"<head>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let viewer = |source: &str| {
+        let tcp = TcpStream::connect(addr).unwrap();
+        let mut c = TlsClient::over(tcp.try_clone().unwrap(), pki.client_config());
+        let mut first = format!("PROXY TCP4 {source} 127.0.0.1 40000 {port}\r\n").into_bytes();
+        while c.conn.wants_write() {
+            c.conn.write_tls(&mut first).unwrap();
+        }
+        (&tcp).write_all(&first).unwrap();
+        c.handshake(WAIT);
+        c.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
+        let head = c.read_head(WAIT);
+        (c, String::from_utf8(head).unwrap())
+    };
+    let (mut first, head) = viewer("192.0.2.7");
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    wait_until("the first client", || {
+        sink.property::<u32>("num-handles") == 1
+    });
+    let (mut second, head) = viewer("192.0.2.7");
+    assert!(head.starts_with("HTTP/1.0 429 "), "{head}");
+    let (_, ending) = second.read_to_end(WAIT);
+    assert_eq!(ending, Ending::CloseNotify);
+    let (mut third, head) = viewer("192.0.2.8");
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
+    wait_until("two clients", || sink.property::<u32>("num-handles") == 2);
+    h.push_bytes(&b16(1), false);
+    let want = [&b"<head>"[..], &b16(1)].concat();
+    assert_eq!(first.read_exact(want.len(), WAIT), want);
+    assert_eq!(third.read_exact(want.len(), WAIT), want);
+}
+
+/// A port free now (bound and released), for elements that must share one.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The TLS files are the port's: an element naming other files (or none) cannot
+/// join a TLS port, with an error naming the setting; one naming the same files
+/// shares it, and its mount is served over TLS.
+#[test]
+fn elements_sharing_a_port_agree_on_tls() {
+    init();
+    let pki = TestPki::new();
+    let port = free_port().to_string();
+    let element = |mount: &str, tls: bool| {
+        let sink = gst::ElementFactory::make("rstcpserversink")
+            .build()
+            .unwrap();
+        for (k, v) in [
+            ("http", "true"),
+            ("host", "127.0.0.1"),
+            ("port", port.as_str()),
+            ("mount", mount),
+        ] {
+            sink.set_property_from_str(k, v);
+        }
+        if tls {
+            sink.set_property("tls-certificate", pki.cert.to_str().unwrap());
+            sink.set_property("tls-key", pki.key.to_str().unwrap());
+        }
+        let pipeline = gst::Pipeline::new();
+        pipeline.add(&sink).unwrap();
+        (pipeline, sink)
+    };
+    let (first, _) = element("/a", true);
+    first.set_state(gst::State::Ready).unwrap();
+    let (plain, _) = element("/b", false);
+    assert!(plain.set_state(gst::State::Ready).is_err());
+    let msg = plain
+        .bus()
+        .unwrap()
+        .pop_filtered(&[gst::MessageType::Error])
+        .unwrap();
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    assert!(
+        e.error()
+            .to_string()
+            .contains("tls-certificate is unset here but"),
+        "{}",
+        e.error()
+    );
+    plain.set_state(gst::State::Null).unwrap();
+
+    let mut h = harness(
+        "rstcpserversink",
+        &[
+            ("http", "true"),
+            ("host", "127.0.0.1"),
+            ("port", port.as_str()),
+            ("mount", "/c"),
+            ("tls-certificate", pki.cert.to_str().unwrap()),
+            ("tls-key", pki.key.to_str().unwrap()),
+        ],
+    );
+    h.set_src_caps(streamheader_caps(&[b"<c>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().unwrap()));
+    let mut c = TlsClient::connect(addr, pki.client_config());
+    c.handshake(WAIT);
+    c.send(b"GET /c HTTP/1.0\r\n\r\n", WAIT);
+    let head = c.read_head(WAIT);
+    assert!(
+        head.starts_with(b"HTTP/1.0 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    wait_until("the client", || {
+        h.sink().property::<u32>("num-handles") == 1
+    });
+    h.push_bytes(&b16(0), false);
+    let want = [&b"<c>"[..], &b16(0)].concat();
+    assert_eq!(c.read_exact(want.len(), WAIT), want);
+    h.sink().set_state(gst::State::Null).unwrap();
+    first.set_state(gst::State::Null).unwrap();
+}
+
+/// Without `http` the raw stream goes over TLS: the streamheader and the buffers,
+/// exact, then a clean end at NULL.
+#[test]
+fn raw_stream_over_tls() {
+    let pki = TestPki::new();
+    let props = [
+        ("host", "127.0.0.1"),
+        ("port", "0"),
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ];
+    let mut h = harness("rstcpserversink", &props);
+    let sink = h.sink();
+    h.set_src_caps(streamheader_caps(&[b"<raw>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
+    let mut c = TlsClient::connect(addr, pki.client_config());
+    c.handshake(WAIT);
+    wait_until("the client", || sink.property::<u32>("num-handles") == 1);
+    let mut want = b"<raw>".to_vec();
+    for i in 0..50 {
+        h.push_bytes(&b16(i), false);
+        want.extend(b16(i));
+    }
+    assert_eq!(c.read_exact(want.len(), WAIT), want);
+    sink.set_state(gst::State::Null).unwrap();
+    let (rest, _) = c.read_to_end(WAIT);
+    assert!(rest.is_empty());
+}
+
+/// A connection that never finishes its handshake is closed at `header-timeout`,
+/// as a request-less one is over plain HTTP, and a playing client is untouched.
+#[test]
+fn unfinished_handshake_closed_at_header_timeout() {
+    let pki = TestPki::new();
+    let props = [
+        ("host", "127.0.0.1"),
+        ("port", "0"),
+        ("http", "true"),
+        ("header-timeout", "500000000"),
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ];
+    let mut h = harness("rstcpserversink", &props);
+    let sink = h.sink();
+    h.set_src_caps(streamheader_caps(&[b"<h>"]));
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
+    let mut playing = TlsClient::connect(addr, pki.client_config());
+    playing.handshake(WAIT);
+    playing.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
+    playing.read_head(WAIT);
+    wait_until("the playing client", || {
+        sink.property::<u32>("num-handles") == 1
+    });
+
+    let mut half = client_hello(pki.client_config());
+    half.truncate(half.len() / 2);
+    let start = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut halfway = TcpStream::connect(addr).unwrap();
+    halfway.write_all(&half).unwrap();
+    for s in [&mut silent, &mut halfway] {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 64];
+        // Closed (EOF or reset) without a byte of answer.
+        assert!(matches!(std::io::Read::read(s, &mut buf), Ok(0) | Err(_)));
+    }
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450),
+        "closed after {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "closed after {waited:?}");
+    h.push_bytes(&b16(0), false);
+    let want = [&b"<h>"[..], &b16(0)].concat();
+    assert_eq!(playing.read_exact(want.len(), WAIT), want);
+    assert_eq!(sink.property::<u32>("num-handles"), 1);
+}
