@@ -142,3 +142,69 @@ fn porter_and_python_streamer() {
         .env("GST_PLUGIN_PATH", target_dir());
     run_pair(cmd);
 }
+
+/// The measurement command of docs/scale-out.md (between its `scaleout-command`
+/// markers), run with its own arguments and then small sizes (a short window, one
+/// repeat, few viewers) so that it takes seconds: every figure line comes out
+/// and parses, the viewers get the stream, and the feed clients cost the
+/// origin's sink IO threads something.
+#[test]
+fn scaleout_cost_runs_as_the_doc_says() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/scale-out.md")).unwrap();
+    let block = doc
+        .split("<!-- scaleout-command -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- /scaleout-command -->").next())
+        .expect("scaleout-command markers in docs/scale-out.md");
+    let commands: Vec<&str> = block.lines().filter(|l| l.starts_with("cargo ")).collect();
+    assert_eq!(commands.len(), 1, "{block}");
+    let args = commands[0]
+        .strip_prefix("cargo run --release --example scaleout-cost -- ")
+        .unwrap_or_else(|| panic!("not the scaleout-cost example: {}", commands[0]));
+    let out = Command::new(target_dir().join("examples/scaleout-cost"))
+        .args(args.split_whitespace())
+        .args([
+            "--window",
+            "0.5",
+            "--repeat",
+            "1",
+            "--viewers",
+            "0,10",
+            "--feeds",
+            "0,2",
+        ])
+        .output()
+        .expect("scaleout-cost built by cargo test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The number before `unit` in the line starting with `prefix`.
+    let figure = |prefix: &str, unit: &str| -> f64 {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix}: {stdout}"));
+        let before = &line[..line.find(unit).unwrap_or_else(|| panic!("{line}"))];
+        before
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    assert!(figure("origin: 0 feed clients:", "% of a core") > 0.0);
+    assert!(figure("origin: 2 feed clients:", "kbit/s each") > 0.0);
+    assert!(figure("edge: 0 viewers:", "% of a core") > 0.0);
+    assert!(figure("edge: 10 viewers:", "% of a core") > 0.0);
+    assert!(
+        figure("edge: 10 viewers:", "kbit/s each") > 100.0,
+        "{stdout}"
+    );
+    // Slopes from one window each are noisy: only that they are figures.
+    assert!(figure("per feed client at the origin:", "% (sink IO threads)").is_finite());
+    assert!(figure("per viewer at an edge:", "% of a core").is_finite());
+}
