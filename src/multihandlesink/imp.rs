@@ -219,19 +219,7 @@ impl Listener for SignalListener {
     }
 
     fn log(&self, level: LogLevel, args: fmt::Arguments<'_>) {
-        let level = match level {
-            LogLevel::Warning => gst::DebugLevel::Warning,
-            LogLevel::Info => gst::DebugLevel::Info,
-            LogLevel::Debug => gst::DebugLevel::Debug,
-            LogLevel::Log => gst::DebugLevel::Log,
-        };
-        if CAT.threshold() < level {
-            return;
-        }
-        match self.element.upgrade() {
-            Some(element) => gst::log_with_level!(CAT, level, obj = &element, "{}", args),
-            None => gst::log_with_level!(CAT, level, "{}", args),
-        }
+        super::log_as(*CAT, &self.element, level, args);
     }
 }
 

@@ -554,3 +554,26 @@ pub fn sink_metadata(long_name: &str, description: &str) -> gst::subclass::Eleme
         "The rsmultifdsink authors",
     )
 }
+
+/// Logs what the engine or the server says (`log!` on a `Listener` or a
+/// `MountTarget`) in `cat`, as `element` while it exists.
+pub(crate) fn log_as<T: IsA<gst::Object>>(
+    cat: gst::DebugCategory,
+    element: &glib::WeakRef<T>,
+    level: engine::LogLevel,
+    args: std::fmt::Arguments<'_>,
+) {
+    let level = match level {
+        engine::LogLevel::Warning => gst::DebugLevel::Warning,
+        engine::LogLevel::Info => gst::DebugLevel::Info,
+        engine::LogLevel::Debug => gst::DebugLevel::Debug,
+        engine::LogLevel::Log => gst::DebugLevel::Log,
+    };
+    if cat.threshold() < level {
+        return;
+    }
+    match element.upgrade() {
+        Some(element) => gst::log_with_level!(cat, level, obj = &element, "{}", args),
+        None => gst::log_with_level!(cat, level, "{}", args),
+    }
+}

@@ -230,19 +230,7 @@ impl MountTarget for Target {
     }
 
     fn log(&self, level: LogLevel, args: fmt::Arguments<'_>) {
-        let level = match level {
-            LogLevel::Warning => gst::DebugLevel::Warning,
-            LogLevel::Info => gst::DebugLevel::Info,
-            LogLevel::Debug => gst::DebugLevel::Debug,
-            LogLevel::Log => gst::DebugLevel::Log,
-        };
-        if CAT.threshold() < level {
-            return;
-        }
-        match self.element.upgrade() {
-            Some(element) => gst::log_with_level!(CAT, level, obj = &element, "{}", args),
-            None => gst::log_with_level!(CAT, level, "{}", args),
-        }
+        crate::multihandlesink::log_as(*CAT, &self.element, level, args);
     }
 }
 
