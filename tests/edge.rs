@@ -8,43 +8,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// target/<profile>, where the examples and the plugin are built.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// Kills the process when dropped (also when the test fails half-way).
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use common::free_port;
+use common::process::{KillOnDrop, assert_plugin_and_edge_built, target_dir};
 
 /// `gst-launch-1.0 {pipeline}` with `PORT` replaced, once it accepts connections.
-fn start_origin(pipeline: &str, port: u16) -> Guard {
-    assert!(
-        target_dir().join("libgstrsmultifdsink.so").exists()
-            && target_dir().join("examples/edge").exists(),
-        "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
-        target_dir().display()
-    );
+fn start_origin(pipeline: &str, port: u16) -> KillOnDrop {
+    assert_plugin_and_edge_built();
     let pipeline = pipeline.replace("PORT", &port.to_string());
     let child = Command::new("gst-launch-1.0")
         .arg("-q")
@@ -53,7 +26,7 @@ fn start_origin(pipeline: &str, port: u16) -> Guard {
         .stdout(Stdio::null())
         .spawn()
         .expect("gst-launch-1.0 runs");
-    let mut origin = Guard(child);
+    let mut origin = KillOnDrop(child);
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(
@@ -70,13 +43,13 @@ fn start_origin(pipeline: &str, port: u16) -> Guard {
 }
 
 /// Kills the origin as a crash would (SIGKILL) and waits until it is gone.
-fn kill(origin: Guard) {
+fn kill(origin: KillOnDrop) {
     drop(origin);
 }
 
 /// The edge program, its port and its stdout lines as they come.
 struct Edge {
-    _child: Guard,
+    _child: KillOnDrop,
     port: u16,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -118,7 +91,7 @@ impl Edge {
             }
         });
         let mut edge = Edge {
-            _child: Guard(child),
+            _child: KillOnDrop(child),
             port: 0,
             lines,
             seen: Vec::new(),

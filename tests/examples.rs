@@ -5,25 +5,10 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// target/<profile>, where the examples and the plugin are built.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-/// Kills the process if the test fails half-way.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::process::{KillOnDrop, target_dir};
 
 fn read_line(out: &mut BufReader<ChildStdout>) -> String {
     let mut line = String::new();
@@ -44,7 +29,7 @@ fn run_pair(streamer: Command) {
         .arg(&sock)
         .args(["--exit-after", "2"])
         .stdout(Stdio::piped());
-    let mut streamer = Guard(streamer.spawn().expect("streamer starts"));
+    let mut streamer = KillOnDrop(streamer.spawn().expect("streamer starts"));
     let mut s_out = BufReader::new(streamer.0.stdout.take().unwrap());
     assert!(read_line(&mut s_out).starts_with("streamer: waiting"));
 
@@ -55,7 +40,7 @@ fn run_pair(streamer: Command) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("porter built by cargo test");
-    let mut porter = Guard(porter);
+    let mut porter = KillOnDrop(porter);
     let mut p_out = BufReader::new(porter.0.stdout.take().unwrap());
     let line = read_line(&mut p_out);
     let addr = line

@@ -8,43 +8,18 @@ mod common;
 use std::io::Read;
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::{Running, current_port, wait_until};
 use gst::prelude::*;
 use gstrsmultifdsink::gdp::{self, PacketHeader, PayloadType, buffer_flags};
-
-/// A pipeline set to NULL when dropped, also when a test fails half-way (a
-/// pipeline dropped while PLAYING disturbs the other tests of the process).
-struct Running(gst::Pipeline);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.set_state(gst::State::Null);
-    }
-}
-
-impl std::ops::Deref for Running {
-    type Target = gst::Pipeline;
-    fn deref(&self) -> &gst::Pipeline {
-        &self.0
-    }
-}
 
 /// Starts `description` (which has one `rstcpserversink name=sink port=0`) and
 /// returns it with the port it listens on.
 fn start(description: &str) -> (Running, u16) {
-    let pipeline = gst::parse::launch(description)
-        .unwrap_or_else(|e| panic!("{description}: {e}"))
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    let pipeline = Running(pipeline);
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let port = pipeline
-        .by_name("sink")
-        .unwrap()
-        .property::<i32>("current-port");
-    assert!(port > 0, "{description}: not listening");
-    (pipeline, port as u16)
+    let pipeline = Running::launch(description);
+    let port = current_port(&pipeline.get("sink"));
+    (pipeline, port)
 }
 
 /// Fails with the pipeline's error, if it posted one.
@@ -55,15 +30,6 @@ fn check_no_error(pipeline: &gst::Pipeline, what: &str) {
         .pop_filtered(&[gst::MessageType::Error])
     {
         panic!("{what}: {msg:?}");
-    }
-}
-
-/// Polls `cond` every millisecond until it holds, failing after `what` 10 s.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < common::DEADLINE, "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -109,7 +75,7 @@ fn gdppay_carries_delta_unit_only_in_its_packet_headers() {
     .unwrap()
     .downcast::<gst::Pipeline>()
     .unwrap();
-    let pipeline = Running(pipeline);
+    let pipeline = Running::guard(pipeline);
     let pushed: Arc<Mutex<Vec<gst::Buffer>>> = Default::default();
     let p = pushed.clone();
     let sink = pipeline.by_name("out").unwrap();
@@ -435,21 +401,9 @@ fn readme_origin_and_edge_lines_play() {
             .join(" ")
     };
     let launch = |description: String| {
-        let pipeline = gst::parse::launch(&description)
-            .unwrap_or_else(|e| panic!("{description}: {e}"))
-            .downcast::<gst::Pipeline>()
-            .unwrap();
-        let pipeline = Running(pipeline);
-        pipeline.set_state(gst::State::Playing).unwrap();
-        let sink = pipeline
-            .iterate_sinks()
-            .into_iter()
-            .flatten()
-            .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
-            .expect("an rstcpserversink");
-        let port = sink.property::<i32>("current-port");
-        assert!(port > 0, "{description}: not listening");
-        (pipeline, port as u16)
+        let pipeline = Running::launch(&description);
+        let port = current_port(&pipeline.tcp_server_sink());
+        (pipeline, port)
     };
     let (origin, origin_port) = launch(with_ports(origin_line, None));
     let (edge, edge_port) = launch(with_ports(edge_line, Some(origin_port)));

@@ -13,10 +13,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::process::KillOnDrop;
 use common::*;
 use gst::prelude::*;
 
@@ -49,29 +50,6 @@ fn on_port(port: u16, props: &[(&str, &str)]) -> Harness {
     ];
     all.extend_from_slice(props);
     harness("rstcpserversink", &all)
-}
-
-fn current_port(sink: &gst::Element) -> u16 {
-    let port = sink.property::<i32>("current-port");
-    assert!((1..=65535).contains(&port), "current-port is {port}");
-    port as u16
-}
-
-/// A port nobody listens on now (a fixed port is what elements share).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 fn handles(sink: &gst::Element) -> u32 {
@@ -273,16 +251,6 @@ fn fields(line: &str) -> LogLine {
         agent: quoted[3].into(),
         bytes: tail[0].into(),
         removal: tail[2].into(),
-    }
-}
-
-/// Kills a helper process if the test fails half-way.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -674,7 +642,7 @@ fn haproxy_send_proxy_v2_shows_the_client_address_in_the_access_log() {
         ),
     )
     .unwrap();
-    let _haproxy = Guard(
+    let _haproxy = KillOnDrop(
         Command::new(&haproxy)
             .args(["-db", "-f"])
             .arg(&config)
@@ -847,7 +815,7 @@ fn gst_launch_serves_video_and_audio_mounts_on_one_port() {
          audiotestsrc is-live=true ! opusenc ! oggmux ! \
          rstcpserversink http=true host=127.0.0.1 port={port} mount=/audio sync-method=latest-keyframe"
     );
-    let server = Guard(
+    let server = KillOnDrop(
         Command::new("gst-launch-1.0")
             .args(line.split_whitespace())
             .env("GST_PLUGIN_PATH", target_dir())

@@ -13,26 +13,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::browser::{Browser, serve_page};
+use common::process::KillGroupOnDrop;
 use common::tls::{Ending, TestPki, TlsClient, client_hello};
 use common::*;
 use gst::prelude::*;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn current_port(sink: &gst::Element) -> u16 {
-    let port = sink.property::<i32>("current-port");
-    assert!((1..=65535).contains(&port), "current-port is {port}");
-    port as u16
-}
-
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 /// The TLS properties for `pki`, as gst-launch-1.0 takes them.
 fn tls_props(pki: &TestPki) -> String {
@@ -43,42 +30,6 @@ fn tls_props(pki: &TestPki) -> String {
     )
 }
 
-/// A pipeline in PLAYING; NULL on drop.
-struct Running {
-    pipeline: gst::Pipeline,
-}
-
-impl Running {
-    fn launch(desc: &str) -> Running {
-        init();
-        let pipeline = gst::parse::launch(desc)
-            .unwrap_or_else(|e| panic!("{desc}: {e}"))
-            .downcast::<gst::Pipeline>()
-            .unwrap();
-        pipeline
-            .set_state(gst::State::Playing)
-            .unwrap_or_else(|e| panic!("{desc}: {e}"));
-        Running { pipeline }
-    }
-
-    fn get(&self, name: &str) -> gst::Element {
-        self.pipeline.by_name(name).unwrap()
-    }
-
-    fn assert_no_error(&self) {
-        let bus = self.pipeline.bus().unwrap();
-        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            panic!("pipeline error: {msg:?}");
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.pipeline.set_state(gst::State::Null);
-    }
-}
-
 const VIDEO: &str = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! \
      vp8enc deadline=1 keyframe-max-dist=15 ! webmmux streamable=true";
 
@@ -86,7 +37,7 @@ const VIDEO: &str = "videotestsrc is-live=true ! video/x-raw,width=160,height=12
 fn streamheader(sink: &gst::Element) -> Vec<u8> {
     let pad = sink.static_pad("sink").unwrap();
     let mut caps = None;
-    wait_until("caps with a streamheader", || {
+    wait_until_within("caps with a streamheader", WAIT, || {
         caps = pad
             .current_caps()
             .filter(|c| c.structure(0).unwrap().has_field("streamheader"));
@@ -390,7 +341,9 @@ fn handshake_flood_while_100_clients_play() {
             String::from_utf8_lossy(&head)
         );
     }
-    wait_until("100 clients", || sink.property::<u32>("num-handles") == 100);
+    wait_until_within("100 clients", WAIT, || {
+        sink.property::<u32>("num-handles") == 100
+    });
 
     let mut half = client_hello(config.clone());
     half.truncate(half.len() / 2);
@@ -484,13 +437,7 @@ fn readme_https_recipe_works() {
         .collect::<Vec<_>>()
         .join(" ");
     let server = Running::launch(&description);
-    let sink = server
-        .pipeline
-        .iterate_sinks()
-        .into_iter()
-        .flatten()
-        .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
-        .unwrap();
+    let sink = server.tcp_server_sink();
     streamheader(&sink);
     let port = current_port(&sink);
     let curl_line = curl
@@ -551,7 +498,7 @@ fn proxy_header_then_tls() {
     };
     let (mut first, head) = viewer("192.0.2.7");
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
-    wait_until("the first client", || {
+    wait_until_within("the first client", WAIT, || {
         sink.property::<u32>("num-handles") == 1
     });
     let (mut second, head) = viewer("192.0.2.7");
@@ -560,20 +507,13 @@ fn proxy_header_then_tls() {
     assert_eq!(ending, Ending::CloseNotify);
     let (mut third, head) = viewer("192.0.2.8");
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
-    wait_until("two clients", || sink.property::<u32>("num-handles") == 2);
+    wait_until_within("two clients", WAIT, || {
+        sink.property::<u32>("num-handles") == 2
+    });
     h.push_bytes(&b16(1), false);
     let want = [&b"<head>"[..], &b16(1)].concat();
     assert_eq!(first.read_exact(want.len(), WAIT), want);
     assert_eq!(third.read_exact(want.len(), WAIT), want);
-}
-
-/// A port free now (bound and released), for elements that must share one.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The TLS files are the port's: an element naming other files (or none) cannot
@@ -647,7 +587,7 @@ fn elements_sharing_a_port_agree_on_tls() {
         "{}",
         String::from_utf8_lossy(&head)
     );
-    wait_until("the client", || {
+    wait_until_within("the client", WAIT, || {
         h.sink().property::<u32>("num-handles") == 1
     });
     h.push_bytes(&b16(0), false);
@@ -674,7 +614,9 @@ fn raw_stream_over_tls() {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
     let mut c = TlsClient::connect(addr, pki.client_config());
     c.handshake(WAIT);
-    wait_until("the client", || sink.property::<u32>("num-handles") == 1);
+    wait_until_within("the client", WAIT, || {
+        sink.property::<u32>("num-handles") == 1
+    });
     let mut want = b"<raw>".to_vec();
     for i in 0..50 {
         h.push_bytes(&b16(i), false);
@@ -707,7 +649,7 @@ fn unfinished_handshake_closed_at_header_timeout() {
     playing.handshake(WAIT);
     playing.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
     playing.read_head(WAIT);
-    wait_until("the playing client", || {
+    wait_until_within("the playing client", WAIT, || {
         sink.property::<u32>("num-handles") == 1
     });
 
@@ -735,19 +677,6 @@ fn unfinished_handshake_closed_at_header_timeout() {
     assert_eq!(sink.property::<u32>("num-handles"), 1);
 }
 
-/// Kills a child's whole process group (it was started in its own) on drop.
-struct ChildGroup(std::process::Child);
-
-impl Drop for ChildGroup {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
-
 /// The README's "put it on the internet" block, run as it stands in a temporary
 /// folder (a free port for 8443, and curl stopped after 4 s): the certificate and the
 /// token come from its openssl lines, gst-launch-1.0 serves both mounts with every
@@ -765,11 +694,7 @@ fn readme_internet_recipe_works() {
     let end = readme
         .find("<!-- /internet-recipe -->")
         .expect("internet-recipe end marker");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let block = readme[start..end].replace("8443", &port.to_string());
     let lines: Vec<&str> = block
         .lines()
@@ -808,7 +733,7 @@ fn readme_internet_recipe_works() {
         .parent()
         .unwrap()
         .to_path_buf();
-    let _server = ChildGroup({
+    let _server = KillGroupOnDrop({
         use std::os::unix::process::CommandExt;
         Command::new("sh")
             .arg("-c")
@@ -820,7 +745,7 @@ fn readme_internet_recipe_works() {
             .spawn()
             .unwrap()
     });
-    wait_until("gst-launch-1.0 to listen", || {
+    wait_until_within("gst-launch-1.0 to listen", WAIT, || {
         TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     let (code, _, out) = sh(&format!("TOKEN=$(cat token)\n{curl} --max-time 4"));
@@ -841,7 +766,7 @@ fn readme_internet_recipe_works() {
     assert_eq!(status("/metrics"), "401", "a scrape without a token");
     assert_eq!(status("/nowhere"), "404");
     let log = dir.join("video.log");
-    wait_until("the viewer's access log line", || {
+    wait_until_within("the viewer's access log line", WAIT, || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains(" 200 "))
     });
     let lines = std::fs::read_to_string(&log).unwrap();

@@ -13,32 +13,19 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use common::netns::{Host, Net};
-
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
-}
-
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::process::{KillOnDrop, assert_plugin_and_edge_built, target_dir};
 
 /// The edge program on `host`, fed from `origin`; returns once its feed is up.
-fn start_edge(host: &Host, origin: &Host) -> Guard {
+fn start_edge(host: &Host, origin: &Host) -> KillOnDrop {
     start_edge_with(host, origin, &[])
 }
 
 /// As [`start_edge`], with more of the edge program's options.
-fn start_edge_with(host: &Host, origin: &Host, extra: &[String]) -> Guard {
+fn start_edge_with(host: &Host, origin: &Host, extra: &[String]) -> KillOnDrop {
     let mut edge = host
         .command(target_dir().join("examples/edge").to_str().unwrap())
         .args(["--origin-host", &origin.addr.to_string()])
@@ -55,7 +42,7 @@ fn start_edge_with(host: &Host, origin: &Host, extra: &[String]) -> Guard {
         .spawn()
         .unwrap();
     let out = edge.stdout.take().unwrap();
-    let edge = Guard(edge);
+    let edge = KillOnDrop(edge);
     // The edge retries until the origin listens.
     let mut lines = BufReader::new(out).lines();
     let start = Instant::now();
@@ -92,19 +79,14 @@ fn established_on(host: &Host, port: u16) -> usize {
 #[test]
 fn viewers_on_their_own_host_play_the_origin_through_two_edges() {
     common::init();
-    assert!(
-        target_dir().join("libgstrsmultifdsink.so").exists()
-            && target_dir().join("examples/edge").exists(),
-        "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
-        target_dir().display()
-    );
+    assert_plugin_and_edge_built();
     let Some(net) = Net::new(&["origin", "edge1", "edge2", "viewers"]) else {
         return;
     };
     let origin_host = net.host("origin");
     let viewers = net.host("viewers");
 
-    let _origin = Guard(
+    let _origin = KillOnDrop(
         origin_host
             .command("gst-launch-1.0")
             .arg("-q")
@@ -120,7 +102,7 @@ fn viewers_on_their_own_host_play_the_origin_through_two_edges() {
             .unwrap(),
     );
     let edges = [net.host("edge1"), net.host("edge2")];
-    let _edges: Vec<Guard> = edges.iter().map(|e| start_edge(e, origin_host)).collect();
+    let _edges: Vec<KillOnDrop> = edges.iter().map(|e| start_edge(e, origin_host)).collect();
 
     // Traffic stays among the hosts: none has a route out of 10.77.0.0/24.
     for host in &net.hosts {
@@ -237,8 +219,8 @@ impl Drop for TempFiles {
     }
 }
 
-fn start_origin(host: &Host, description: &str) -> Guard {
-    Guard(
+fn start_origin(host: &Host, description: &str) -> KillOnDrop {
+    KillOnDrop(
         host.command("gst-launch-1.0")
             .arg("-q")
             .args(description.split_whitespace())
@@ -449,12 +431,7 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
         "{haproxy} not found: this test needs HAProxy (apt-get install haproxy, as \
          scripts/setup-debian does), or set HAPROXY to its path"
     );
-    assert!(
-        target_dir().join("libgstrsmultifdsink.so").exists()
-            && target_dir().join("examples/edge").exists(),
-        "plugin or edge example not built in {}: cargo build --all-targets first (scripts/test does)",
-        target_dir().display()
-    );
+    assert_plugin_and_edge_built();
     let Some(net) = Net::new(&["origin", "edge1", "edge2", "balancer", "viewers"]) else {
         return;
     };
@@ -483,7 +460,7 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
     }
 
     let mut origin = start_origin(origin_host, SMALL_ORIGIN);
-    let mut edge_procs: Vec<Option<Guard>> = edges
+    let mut edge_procs: Vec<Option<KillOnDrop>> = edges
         .iter()
         .zip(&logs)
         .map(|(e, log)| {
@@ -555,7 +532,7 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
     let haproxy_out = Output::default();
     haproxy_out.collect(balancer_proc.stdout.take().unwrap());
     haproxy_out.collect(balancer_proc.stderr.take().unwrap());
-    let _balancer_proc = Guard(balancer_proc);
+    let _balancer_proc = KillOnDrop(balancer_proc);
 
     // Traffic stays among the hosts: none has a route out of 10.77.0.0/24.
     for host in &net.hosts {

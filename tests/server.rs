@@ -31,21 +31,6 @@ fn server(props: &[(&str, &str)]) -> (Harness, u16) {
     (h, port)
 }
 
-fn current_port(sink: &gst::Element) -> u16 {
-    let port = sink.property::<i32>("current-port");
-    assert!((1..=65535).contains(&port), "current-port is {port}");
-    port as u16
-}
-
-/// Polls `cond` until it holds; fails after the deadline.
-fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 fn handles(sink: &gst::Element) -> u32 {
     sink.property::<u32>("num-handles")
 }
@@ -307,44 +292,6 @@ fn push_and_check(h: &mut Harness, playing: &TcpStream, i: u32) {
         b16(i),
         "playing client, buffer {i}"
     );
-}
-
-/// A pipeline from a launch line, set to NULL when dropped.
-struct Running {
-    pipeline: gst::Pipeline,
-}
-
-impl Running {
-    fn launch(desc: &str) -> Running {
-        init();
-        let pipeline = gst::parse::launch(desc)
-            .unwrap_or_else(|e| panic!("{desc}: {e}"))
-            .downcast::<gst::Pipeline>()
-            .unwrap();
-        let running = Running { pipeline };
-        running
-            .pipeline
-            .set_state(gst::State::Playing)
-            .unwrap_or_else(|e| panic!("{desc}: {e}"));
-        running
-    }
-
-    fn get(&self, name: &str) -> gst::Element {
-        self.pipeline.by_name(name).unwrap()
-    }
-
-    fn assert_no_error(&self) {
-        let bus = self.pipeline.bus().unwrap();
-        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            panic!("pipeline error: {msg:?}");
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.pipeline.set_state(gst::State::Null);
-    }
 }
 
 /// Waits for the sink's caps (with a streamheader if asked).

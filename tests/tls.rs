@@ -14,7 +14,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::tls::{Ending, TestPki, TlsClient, client_hello, pattern, wait_eof, wait_until};
+use common::tls::{Ending, TestPki, TlsClient, client_hello, pattern, wait_eof};
+use common::wait_until_within;
 use gstrsmultifdsink::engine::LogLevel;
 use gstrsmultifdsink::tls::{LogFn, Terminator, TlsCounts, load_server_config};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -75,7 +76,7 @@ impl Setup {
     }
 
     fn wait_counts(&self, want: TlsCounts) {
-        wait_until(&format!("counts {want:?}"), DEADLINE, || {
+        wait_until_within(&format!("counts {want:?}"), DEADLINE, || {
             self.counts() == want
         });
     }
@@ -692,7 +693,7 @@ fn a_stalled_tls_viewer_is_a_slow_client_to_the_engine() {
     // connection (within its linger) and keeps the other.
     rec.wait_fd_removed(stalled_fd);
     drop(stalled_plain);
-    wait_until("the stalled connection closed", LONG, || {
+    wait_until_within("the stalled connection closed", LONG, || {
         s.counts() == counts(0, 1, 1)
     });
     drop(stalled);

@@ -200,11 +200,7 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.child.wait();
+        super::process::kill_group(&mut self.child);
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod netns;
+pub mod process;
 pub mod tls;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -529,5 +530,102 @@ pub fn http_fetch(port: u16, path: &str, want: usize, deadline: Duration) -> (St
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("GET {path}: {e}"),
         }
+    }
+}
+
+/// `current-port` of an `rstcpserversink`, checked to be a bound port.
+pub fn current_port(sink: &gst::Element) -> u16 {
+    let port = sink.property::<i32>("current-port");
+    assert!((1..=65535).contains(&port), "current-port is {port}");
+    port as u16
+}
+
+/// A port free now (bound and released), for an element or program that must be
+/// given its port in advance (several elements sharing one, a child process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` until it holds; fails after [`DEADLINE`].
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, DEADLINE, cond);
+}
+
+/// Polls `cond` every 2 ms until it holds; fails after `deadline`.
+pub fn wait_until_within(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A pipeline from a launch line in PLAYING, set to NULL when dropped, also when a
+/// test fails half-way (a pipeline dropped while PLAYING disturbs the other tests of
+/// the process).
+pub struct Running {
+    pipeline: gst::Pipeline,
+}
+
+impl Running {
+    /// Parses `desc` and sets it to PLAYING; fails the test if either fails.
+    pub fn launch(desc: &str) -> Running {
+        init();
+        let pipeline = gst::parse::launch(desc)
+            .unwrap_or_else(|e| panic!("{desc}: {e}"))
+            .downcast::<gst::Pipeline>()
+            .unwrap();
+        // Guarded before the state change, so a failing one still ends in NULL.
+        let running = Running { pipeline };
+        running
+            .pipeline
+            .set_state(gst::State::Playing)
+            .unwrap_or_else(|e| panic!("{desc}: {e}"));
+        running
+    }
+
+    /// Guards a pipeline made elsewhere (to be connected to before it plays).
+    pub fn guard(pipeline: gst::Pipeline) -> Running {
+        Running { pipeline }
+    }
+
+    /// The element named `name` in the pipeline.
+    pub fn get(&self, name: &str) -> gst::Element {
+        self.pipeline.by_name(name).unwrap()
+    }
+
+    /// The pipeline's (first) `rstcpserversink`, for lines whose sink has no name.
+    pub fn tcp_server_sink(&self) -> gst::Element {
+        self.pipeline
+            .iterate_sinks()
+            .into_iter()
+            .flatten()
+            .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
+            .expect("the pipeline has an rstcpserversink")
+    }
+
+    /// Fails the test with the pipeline's error, if it posted one.
+    pub fn assert_no_error(&self) {
+        let bus = self.pipeline.bus().unwrap();
+        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
+            panic!("pipeline error: {msg:?}");
+        }
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = gst::Pipeline;
+    fn deref(&self) -> &gst::Pipeline {
+        &self.pipeline
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.pipeline.set_state(gst::State::Null);
     }
 }

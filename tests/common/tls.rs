@@ -495,15 +495,6 @@ pub fn client_hello(config: Arc<ClientConfig>) -> Vec<u8> {
     out
 }
 
-/// Waits until `cond` holds, polling, within `deadline`.
-pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Reads `stream` until EOF (or a reset) within `deadline`; returns the bytes read
 /// before it.
 pub fn wait_eof(stream: &mut (impl Read + AsFd), deadline: Duration) -> Vec<u8> {
