@@ -111,24 +111,9 @@ impl std::fmt::Debug for Report {
 /// `video`: the stream has video, so playing means decoded frames too.
 fn play_in_chromium(line: &str, page: &str, video: bool) -> Report {
     common::init();
-    let description = line
-        .split_whitespace()
-        .map(|w| if w.starts_with("port=") { "port=0" } else { w })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let pipeline = gst::parse::launch(&description)
-        .unwrap_or_else(|e| panic!("{line}: {e}"))
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let sink = pipeline
-        .iterate_sinks()
-        .into_iter()
-        .flatten()
-        .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
-        .expect("the recipe has rstcpserversink");
-    let port = sink.property::<i32>("current-port");
-    assert!(port > 0, "{line}: not listening");
+    let pipeline = common::Running::launch(&common::with_port(line, 0));
+    let sink = pipeline.tcp_server_sink();
+    let port = common::current_port(&sink);
     // gst-launch-1.0 gets `*` from the shell; the parser unquotes `"*"` alike.
     let cors_origin = sink.property::<Option<String>>("cors-origin");
     assert_eq!(
@@ -156,11 +141,8 @@ fn play_in_chromium(line: &str, page: &str, video: bool) -> Report {
         &format!("{}/", server.origin()),
         &["--autoplay-policy=no-user-gesture-required"],
     );
-    let bus = pipeline.bus().unwrap();
     let report = server.wait_report(Duration::from_secs(60), || {
-        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            panic!("{line}: the server pipeline failed: {msg:?}");
-        }
+        common::assert_no_error(&pipeline, &format!("{line}: the server pipeline failed"))
     });
     pipeline.set_state(gst::State::Null).unwrap();
     eprintln!("the page reported: {report}");

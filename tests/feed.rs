@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Running, current_port, wait_until};
+use common::{Running, assert_no_error, current_port, wait_until};
 use gst::prelude::*;
 use gstrsmultifdsink::gdp::{self, PacketHeader, PayloadType, buffer_flags};
 
@@ -20,17 +20,6 @@ fn start(description: &str) -> (Running, u16) {
     let pipeline = Running::launch(description);
     let port = current_port(&pipeline.get("sink"));
     (pipeline, port)
-}
-
-/// Fails with the pipeline's error, if it posted one.
-fn check_no_error(pipeline: &gst::Pipeline, what: &str) {
-    if let Some(msg) = pipeline
-        .bus()
-        .unwrap()
-        .pop_filtered(&[gst::MessageType::Error])
-    {
-        panic!("{what}: {msg:?}");
-    }
 }
 
 /// One GDP packet read from a stream.
@@ -255,7 +244,7 @@ fn feed_port_starts_clients_on_a_keyframe() {
             let before = served();
             wait_until("a buffer", || served() != before);
         }
-        check_no_error(&origin, "origin");
+        assert_no_error(&origin, "origin");
         let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
         conn.set_read_timeout(Some(common::DEADLINE)).unwrap();
         let mut before_data = Vec::new();
@@ -299,7 +288,7 @@ fn edge_serves_viewers_from_a_keyframe(
     ));
     let edge_sink = edge.by_name("sink").unwrap();
     wait_until("the edge receives the feed", || {
-        check_no_error(&edge, "edge");
+        assert_no_error(&edge, "edge");
         edge_sink.property::<u64>("bytes-to-serve") > 0
     });
     for i in 0..3 {
@@ -309,8 +298,8 @@ fn edge_serves_viewers_from_a_keyframe(
             edge_sink.property::<u64>("bytes-to-serve") > before + 20_000 * i
         });
         let (head, body) = common::http_fetch(edge_port, "/", 150_000, Duration::from_secs(20));
-        check_no_error(&origin, "origin");
-        check_no_error(&edge, "edge");
+        assert_no_error(&origin, "origin");
+        assert_no_error(&edge, "edge");
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
         assert!(
             head.contains(&format!("Content-Type: {content_type}")),
@@ -408,8 +397,8 @@ fn readme_origin_and_edge_lines_play() {
     let (origin, origin_port) = launch(with_ports(origin_line, None));
     let (edge, edge_port) = launch(with_ports(edge_line, Some(origin_port)));
     let (head, body) = common::http_fetch(edge_port, "/", 100_000, Duration::from_secs(20));
-    check_no_error(&origin, "origin");
-    check_no_error(&edge, "edge");
+    assert_no_error(&origin, "origin");
+    assert_no_error(&edge, "edge");
     assert!(head.contains("Content-Type: video/webm"), "{head}");
     let d = common::decode_from_start(&body, "matroskademux", "vp8dec");
     assert!(

@@ -167,26 +167,8 @@ fn viewers_on_their_own_host_play_the_origin_through_two_edges() {
 }
 
 /// GET / on an open connection: the response head and at least `want` bytes of body.
-fn fetch_on(mut conn: std::net::TcpStream, want: usize) -> (String, Vec<u8>) {
-    use std::io::{Read, Write};
-    conn.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    conn.write_all(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n")
-        .unwrap();
-    let mut data = Vec::new();
-    let mut buf = [0u8; 16384];
-    let start = Instant::now();
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
-            && data.len() >= end + 4 + want
-        {
-            let head = String::from_utf8_lossy(&data[..end + 4]).to_string();
-            return (head, data[end + 4..].to_vec());
-        }
-        assert!(start.elapsed() < common::DEADLINE, "{} bytes", data.len());
-        let n = conn.read(&mut buf).unwrap();
-        assert!(n > 0, "closed after {} bytes", data.len());
-        data.extend_from_slice(&buf[..n]);
-    }
+fn fetch_on(conn: std::net::TcpStream, want: usize) -> (String, Vec<u8>) {
+    common::http_get_on(conn, "edge", "/", want, common::DEADLINE, || {})
 }
 
 // ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::{Running, assert_no_error, current_port, free_port, http_get_on, with_port};
 use gst::prelude::*;
 
 /// The recipe lines of the README, without `gst-launch-1.0 `.
@@ -27,26 +28,10 @@ fn recipes() -> Vec<String> {
 }
 
 /// Starts a server recipe on a free port; returns the pipeline and the port.
-fn start_server(recipe: &str) -> (gst::Pipeline, u16) {
-    let description = recipe
-        .split_whitespace()
-        .map(|w| if w.starts_with("port=") { "port=0" } else { w })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let pipeline = gst::parse::launch(&description)
-        .unwrap_or_else(|e| panic!("{recipe}: {e}"))
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let sink = pipeline
-        .iterate_sinks()
-        .into_iter()
-        .flatten()
-        .find(|e| e.factory().is_some_and(|f| f.name() == "rstcpserversink"))
-        .expect("recipe has rstcpserversink");
-    let port = sink.property::<i32>("current-port");
-    assert!(port > 0, "{recipe}: not listening");
-    (pipeline, port as u16)
+fn start_server(recipe: &str) -> (Running, u16) {
+    let server = Running::launch(&with_port(recipe, 0));
+    let port = current_port(&server.tcp_server_sink());
+    (server, port)
 }
 
 /// Decodes a capture (cut mid-stream); returns how many buffers the decoder gave.
@@ -56,61 +41,19 @@ fn decode(capture: &[u8], decoder: &str) -> u32 {
 
 /// Fails the test with the server's error, if it posted one.
 fn check_no_error(server: &gst::Pipeline, recipe: &str) {
-    if let Some(msg) = server
-        .bus()
-        .unwrap()
-        .pop_filtered(&[gst::MessageType::Error])
-    {
-        panic!("{recipe}: the server pipeline failed: {msg:?}");
-    }
+    assert_no_error(server, &format!("{recipe}: the server pipeline failed"));
 }
 
 /// Fetches the stream over HTTP: the response head and `want` bytes of body.
 /// `check` runs while waiting and fails the test if the server failed.
-fn fetch(recipe: &str, port: u16, want: usize, check: impl FnMut()) -> (String, Vec<u8>) {
-    fetch_path(recipe, port, "/", want, check)
+fn fetch(port: u16, want: usize, check: impl FnMut()) -> (String, Vec<u8>) {
+    fetch_path(port, "/", want, check)
 }
 
 /// `fetch` of `path`.
-fn fetch_path(
-    recipe: &str,
-    port: u16,
-    path: &str,
-    want: usize,
-    mut check: impl FnMut(),
-) -> (String, Vec<u8>) {
-    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut data = Vec::new();
-    let mut buf = [0u8; 16384];
-    let start = Instant::now();
-    loop {
-        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n")
-            && data.len() >= end + 4 + want
-        {
-            let head = String::from_utf8_lossy(&data[..end + 4]).to_string();
-            return (head, data[end + 4..].to_vec());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{recipe}: stream too slow"
-        );
-        check();
-        let n = match conn.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => panic!("{recipe}: {e}"),
-        };
-        assert!(
-            n > 0,
-            "{recipe}: connection closed after {} bytes",
-            data.len()
-        );
-        data.extend_from_slice(&buf[..n]);
-    }
+fn fetch_path(port: u16, path: &str, want: usize, check: impl FnMut()) -> (String, Vec<u8>) {
+    let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_get_on(conn, "test", path, want, Duration::from_secs(20), check)
 }
 
 /// What a muxer's stream must be served as, and how to decode it.
@@ -151,7 +94,7 @@ fn readme_http_recipes_play() {
         } else {
             60_000
         };
-        let (head, body) = fetch(&recipe, port, want, || check_no_error(&server, &recipe));
+        let (head, body) = fetch(port, want, || check_no_error(&server, &recipe));
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{recipe}: {head}");
         assert!(
             head.contains(&format!("Content-Type: {content_type}")),
@@ -177,34 +120,13 @@ fn readme_mount_recipe_serves_each_mount() {
         .into_iter()
         .find(|r| r.contains("mount="))
         .expect("a recipe with mounts");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let description = recipe
-        .split_whitespace()
-        .map(|w| {
-            if w.starts_with("port=") {
-                format!("port={port}")
-            } else {
-                w.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
-    let server = gst::parse::launch(&description)
-        .unwrap_or_else(|e| panic!("{recipe}: {e}"))
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-    server.set_state(gst::State::Playing).unwrap();
+    let port = free_port();
+    let server = Running::launch(&with_port(&recipe, port));
     for (path, content_type, decoder, want) in [
         ("/video", "video/webm", "matroskademux ! vp8dec", 60_000),
         ("/audio", "application/ogg", "oggdemux ! opusdec", 12_000),
     ] {
-        let (head, body) = fetch_path(&recipe, port, path, want, || {
-            check_no_error(&server, &recipe)
-        });
+        let (head, body) = fetch_path(port, path, want, || check_no_error(&server, &recipe));
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{path}: {head}");
         assert!(
             head.contains(&format!("Content-Type: {content_type}\r\n")),
@@ -274,11 +196,7 @@ fn readme_raw_tcp_recipe_plays_to_its_receiver() {
 #[test]
 fn demo_script_serves_a_stream_that_decodes() {
     common::init();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo");
     let mut demo = std::process::Command::new(script)
         .env("PORT", port.to_string())
@@ -304,7 +222,7 @@ fn demo_script_serves_a_stream_that_decodes() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (head, body) = fetch("scripts/demo", port, 60_000, || {
+    let (head, body) = fetch(port, 60_000, || {
         assert!(demo_running(&mut demo), "scripts/demo died while serving");
     });
     demo.kill().unwrap();

@@ -313,6 +313,13 @@ pub fn counting(description: &str) -> (gst::Pipeline, Arc<std::sync::atomic::Ato
 
 /// Decodes a capture with `filesrc ! {decoder} ! fakesink`, to the end.
 pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
+    play_capture(capture, decoder, |_| {})
+}
+
+/// Writes `capture` to a temporary file and plays `filesrc ! {chain} ! fakesink` to
+/// its end (EOS, an error, or 30 s), counting the buffers into the fakesink;
+/// `prepare` sees the pipeline before it plays.
+fn play_capture(capture: &[u8], chain: &str, prepare: impl FnOnce(&gst::Pipeline)) -> Decoded {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let path = std::env::temp_dir().join(format!(
@@ -322,9 +329,10 @@ pub fn decode(capture: &[u8], decoder: &str) -> Decoded {
     ));
     std::fs::write(&path, capture).unwrap();
     let (pipeline, frames) = counting(&format!(
-        "filesrc location={} ! {decoder} ! fakesink name=out signal-handoffs=true sync=false",
+        "filesrc location={} ! {chain} ! fakesink name=out signal-handoffs=true sync=false",
         path.display()
     ));
+    prepare(&pipeline);
     pipeline.set_state(gst::State::Playing).unwrap();
     let msg = pipeline.bus().unwrap().timed_pop_filtered(
         gst::ClockTime::from_seconds(30),
@@ -449,52 +457,31 @@ impl DecodedFromStart {
 /// Decodes a capture with `filesrc ! {demuxer} ! {decoder} name=dec ! fakesink`
 /// and notes the flags of the first non-header buffer reaching the decoder.
 pub fn decode_from_start(capture: &[u8], demuxer: &str, decoder: &str) -> DecodedFromStart {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "rsmfd-start-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    std::fs::write(&path, capture).unwrap();
-    let (pipeline, frames) = counting(&format!(
-        "filesrc location={} ! {demuxer} ! {decoder} name=dec ! fakesink name=out signal-handoffs=true sync=false",
-        path.display()
-    ));
     let first: Arc<Mutex<Option<gst::BufferFlags>>> = Default::default();
     let f = first.clone();
-    pipeline
-        .by_name("dec")
-        .unwrap()
-        .static_pad("sink")
-        .unwrap()
-        .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-            if let Some(b) = info.buffer() {
-                let mut first = f.lock().unwrap();
-                if first.is_none() && !b.flags().contains(gst::BufferFlags::HEADER) {
-                    *first = Some(b.flags());
-                }
-            }
-            gst::PadProbeReturn::Ok
-        });
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let msg = pipeline.bus().unwrap().timed_pop_filtered(
-        gst::ClockTime::from_seconds(30),
-        &[gst::MessageType::Eos, gst::MessageType::Error],
+    let decoded = play_capture(
+        capture,
+        &format!("{demuxer} ! {decoder} name=dec"),
+        |pipeline| {
+            pipeline
+                .by_name("dec")
+                .unwrap()
+                .static_pad("sink")
+                .unwrap()
+                .add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                    if let Some(b) = info.buffer() {
+                        let mut first = f.lock().unwrap();
+                        if first.is_none() && !b.flags().contains(gst::BufferFlags::HEADER) {
+                            *first = Some(b.flags());
+                        }
+                    }
+                    gst::PadProbeReturn::Ok
+                });
+        },
     );
-    pipeline.set_state(gst::State::Null).unwrap();
-    let _ = std::fs::remove_file(&path);
-    let error = match msg {
-        Some(m) if m.type_() == gst::MessageType::Eos => None,
-        Some(m) => Some(format!("{m:?}")),
-        None => Some("decoding did not finish".into()),
-    };
     let first_frame_flags = *first.lock().unwrap();
     DecodedFromStart {
-        decoded: Decoded {
-            frames: frames.load(std::sync::atomic::Ordering::SeqCst),
-            error,
-        },
+        decoded,
         first_frame_flags,
     }
 }
@@ -502,11 +489,25 @@ pub fn decode_from_start(capture: &[u8], demuxer: &str, decoder: &str) -> Decode
 /// Fetches `path` over HTTP from 127.0.0.1:`port`: the response head and at least
 /// `want` bytes of body, within `deadline`.
 pub fn http_fetch(port: u16, path: &str, want: usize, deadline: Duration) -> (String, Vec<u8>) {
+    let conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_get_on(conn, "test", path, want, deadline, || {})
+}
+
+/// Sends `GET {path}` with `Host: {host}` on `conn` and reads the response head and
+/// at least `want` bytes of body within `deadline`. `check` runs between reads (at
+/// least every 200 ms), to fail the test at once when the server failed.
+pub fn http_get_on(
+    mut conn: std::net::TcpStream,
+    host: &str,
+    path: &str,
+    want: usize,
+    deadline: Duration,
+    mut check: impl FnMut(),
+) -> (String, Vec<u8>) {
     use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    write!(conn, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
     let mut data = Vec::new();
     let mut buf = [0u8; 16384];
     let start = Instant::now();
@@ -519,9 +520,10 @@ pub fn http_fetch(port: u16, path: &str, want: usize, deadline: Duration) -> (St
         }
         assert!(
             start.elapsed() < deadline,
-            "GET {path} on port {port}: {} bytes in {deadline:?}",
+            "GET {path}: {} bytes in {deadline:?}",
             data.len()
         );
+        check();
         match conn.read(&mut buf) {
             Ok(0) => panic!("GET {path}: closed after {} bytes", data.len()),
             Ok(n) => data.extend_from_slice(&buf[..n]),
@@ -530,6 +532,32 @@ pub fn http_fetch(port: u16, path: &str, want: usize, deadline: Duration) -> (St
                     || e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("GET {path}: {e}"),
         }
+    }
+}
+
+/// `line` (a gst-launch-1.0 line) with every `port=N` swapped for `port={port}`
+/// (0: a free port each, read back with [`current_port`]).
+pub fn with_port(line: &str, port: u16) -> String {
+    line.split_whitespace()
+        .map(|w| {
+            if w.starts_with("port=") {
+                format!("port={port}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Fails the test with `pipeline`'s error, if it posted one, saying it was `what`'s.
+pub fn assert_no_error(pipeline: &gst::Pipeline, what: &str) {
+    if let Some(msg) = pipeline
+        .bus()
+        .unwrap()
+        .pop_filtered(&[gst::MessageType::Error])
+    {
+        panic!("{what}: {msg:?}");
     }
 }
 
@@ -610,10 +638,7 @@ impl Running {
 
     /// Fails the test with the pipeline's error, if it posted one.
     pub fn assert_no_error(&self) {
-        let bus = self.pipeline.bus().unwrap();
-        if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-            panic!("pipeline error: {msg:?}");
-        }
+        assert_no_error(&self.pipeline, "pipeline error");
     }
 }
 
