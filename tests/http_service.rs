@@ -17,6 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::http::{connect, find, handles, read_to_eof, wait_handles};
 use common::process::KillOnDrop;
 use common::*;
 use gst::prelude::*;
@@ -50,18 +51,6 @@ fn on_port(port: u16, props: &[(&str, &str)]) -> Harness {
     ];
     all.extend_from_slice(props);
     harness("rstcpserversink", &all)
-}
-
-fn handles(sink: &gst::Element) -> u32 {
-    sink.property::<u32>("num-handles")
-}
-
-fn wait_handles(sink: &gst::Element, n: u32) {
-    wait_until(&format!("{n} clients"), || handles(sink) == n);
-}
-
-fn connect(port: u16) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", port)).unwrap()
 }
 
 /// A connection to 127.0.0.1:`port` from the local address `source` (127.0.0.x).
@@ -101,53 +90,10 @@ fn get(port: u16, path: &str) -> TcpStream {
     send(connect(port), &get_request(path))
 }
 
-/// Everything the peer sends until it closes.
-fn read_to_eof(mut s: &TcpStream) -> Vec<u8> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let left = DEADLINE.saturating_sub(start.elapsed());
-        assert!(
-            !left.is_zero(),
-            "no EOF in time; got {:?}",
-            String::from_utf8_lossy(&out)
-        );
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A response head through its blank line, and what followed it.
-fn read_head(mut s: &TcpStream) -> (String, Vec<u8>) {
-    let start = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = find(&got, b"\r\n\r\n") {
-            let rest = got.split_off(end + 4);
-            return (String::from_utf8(got).unwrap(), rest);
-        }
-        let left = DEADLINE.saturating_sub(start.elapsed());
-        assert!(!left.is_zero(), "no head in time: {got:?}");
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => panic!("EOF in the head: {:?}", String::from_utf8_lossy(&got)),
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
+/// A response head through its blank line (text), and what followed it.
+fn read_head(s: &TcpStream) -> (String, Vec<u8>) {
+    let (head, rest) = common::http::read_head(s);
+    (String::from_utf8(head).unwrap(), rest)
 }
 
 /// The connection gets exactly `want` (a whole answer) and is closed.

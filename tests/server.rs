@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::http::{connect, find, handles, read_head, read_some, read_to_eof, wait_handles};
 use common::*;
 use gst::prelude::*;
 
@@ -31,26 +32,6 @@ fn server(props: &[(&str, &str)]) -> (Harness, u16) {
     (h, port)
 }
 
-fn handles(sink: &gst::Element) -> u32 {
-    sink.property::<u32>("num-handles")
-}
-
-fn wait_handles(sink: &gst::Element, n: u32) {
-    let start = Instant::now();
-    while handles(sink) != n {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "num-handles stayed {} (want {n})",
-            handles(sink)
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn connect(port: u16) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", port)).unwrap()
-}
-
 fn request(port: u16, req: &[u8]) -> TcpStream {
     let mut s = connect(port);
     s.write_all(req).unwrap();
@@ -62,46 +43,6 @@ fn get(port: u16, path: &str) -> TcpStream {
         port,
         format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
     )
-}
-
-/// One read with the time left before `start + DEADLINE`; `None` when nothing came.
-fn read_some(mut s: &TcpStream, start: Instant, buf: &mut [u8]) -> Option<usize> {
-    let left = DEADLINE.saturating_sub(start.elapsed());
-    assert!(!left.is_zero(), "timed out reading");
-    s.set_read_timeout(Some(left.min(Duration::from_millis(200))))
-        .unwrap();
-    match s.read(buf) {
-        Ok(n) => Some(n),
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-            ) =>
-        {
-            None
-        }
-        Err(e) => panic!("read failed: {e} (reset instead of an orderly close?)"),
-    }
-}
-
-/// Everything the peer sends until it closes; fails if it does not close in time.
-fn read_to_eof(s: &TcpStream) -> Vec<u8> {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "no EOF in time; got {} bytes: {:?}",
-            out.len(),
-            String::from_utf8_lossy(&out[..out.len().min(300)])
-        );
-        match read_some(s, start, &mut buf) {
-            Some(0) => return out,
-            Some(n) => out.extend_from_slice(&buf[..n]),
-            None => {}
-        }
-    }
 }
 
 /// Like `read_to_eof`, but a reset also ends the connection; says whether it was
@@ -125,32 +66,6 @@ fn read_until_closed(mut s: &TcpStream) -> (Vec<u8>, bool) {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => panic!("read failed: {e}"),
-        }
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Reads a response head through its blank line; returns it and the bytes that
-/// followed it in the same reads.
-fn read_head(s: &TcpStream) -> (Vec<u8>, Vec<u8>) {
-    let start = Instant::now();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = find(&got, b"\r\n\r\n") {
-            let rest = got.split_off(end + 4);
-            return (got, rest);
-        }
-        match read_some(s, start, &mut buf) {
-            Some(0) => panic!(
-                "EOF before the end of the head: {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-            Some(n) => got.extend_from_slice(&buf[..n]),
-            None => {}
         }
     }
 }

@@ -1,0 +1,95 @@
+//! Plain-socket HTTP clients of `rstcpserversink` on 127.0.0.1: connecting,
+//! reading answers to their end within [`super::DEADLINE`], and the element's
+//! client count.
+
+use std::io::{ErrorKind, Read};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+
+use super::{DEADLINE, wait_until};
+
+/// `num-handles` of the sink.
+pub fn handles(sink: &gst::Element) -> u32 {
+    sink.property::<u32>("num-handles")
+}
+
+/// Waits until the sink has `n` clients.
+pub fn wait_handles(sink: &gst::Element, n: u32) {
+    wait_until(&format!("num-handles {n}"), || handles(sink) == n);
+}
+
+/// A TCP connection to 127.0.0.1:`port`.
+pub fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+/// Where `needle` first starts in `hay`.
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// One read with the time left before `start + DEADLINE` (at most 200 ms);
+/// `None` when nothing came. A reset fails the test.
+pub fn read_some(mut s: &TcpStream, start: Instant, buf: &mut [u8]) -> Option<usize> {
+    let left = DEADLINE.saturating_sub(start.elapsed());
+    assert!(!left.is_zero(), "timed out reading");
+    s.set_read_timeout(Some(left.min(Duration::from_millis(200))))
+        .unwrap();
+    match s.read(buf) {
+        Ok(n) => Some(n),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        Err(e) => panic!("read failed: {e} (reset instead of an orderly close?)"),
+    }
+}
+
+/// Everything the peer sends until it closes; fails if it does not close in time
+/// or resets.
+pub fn read_to_eof(s: &TcpStream) -> Vec<u8> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no EOF in time; got {} bytes: {:?}",
+            out.len(),
+            String::from_utf8_lossy(&out[..out.len().min(300)])
+        );
+        match read_some(s, start, &mut buf) {
+            Some(0) => return out,
+            Some(n) => out.extend_from_slice(&buf[..n]),
+            None => {}
+        }
+    }
+}
+
+/// Reads a response head through its blank line; returns it and the bytes that
+/// followed it in the same reads.
+pub fn read_head(s: &TcpStream) -> (Vec<u8>, Vec<u8>) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&got, b"\r\n\r\n") {
+            let rest = got.split_off(end + 4);
+            return (got, rest);
+        }
+        match read_some(s, start, &mut buf) {
+            Some(0) => panic!(
+                "EOF before the end of the head: {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Some(n) => got.extend_from_slice(&buf[..n]),
+            None => {}
+        }
+    }
+}
