@@ -157,17 +157,10 @@ fn swap(line: &str, from: &str, to: &str) -> String {
 
 /// The README's line of the `recipes` block that uses `muxer`.
 fn readme_recipe_with(muxer: &str) -> String {
-    let readme = include_str!("../README.md");
-    let start = readme.find("<!-- recipes -->").expect("recipes marker");
-    let end = readme
-        .find("<!-- /recipes -->")
-        .expect("recipes end marker");
-    readme[start..end]
-        .lines()
-        .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
+    common::readme_recipes()
+        .into_iter()
         .find(|l| l.contains(&format!("! {muxer} ")))
         .unwrap_or_else(|| panic!("no README recipe with {muxer}"))
-        .to_string()
 }
 
 /// Played past `PLAYED_SECONDS` with no error, audio decoded, and (`video`)

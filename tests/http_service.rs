@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::http::{connect, find, handles, read_to_eof, wait_handles};
+use common::http::{connect, find, handles, read_to_eof, read_until_closed, wait_handles};
 use common::process::KillOnDrop;
 use common::*;
 use gst::prelude::*;
@@ -539,26 +539,6 @@ fn proxy_protocol_refuses_missing_truncated_and_garbage_headers() {
     push_and_check(&mut h, &[&playing], i);
     assert_eq!(handles(&h.sink()), 1);
     h.stop();
-}
-
-/// Like `read_to_eof`, but a reset (unread bytes at the close) also ends it.
-fn read_until_closed(mut s: &TcpStream) -> (Vec<u8>, bool) {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = DEADLINE.saturating_sub(start.elapsed());
-        assert!(!left.is_zero(), "not closed in time");
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return (out, false),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, true),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
 }
 
 /// HAProxy in `mode tcp` with `send-proxy-v2` in front: a client connecting to

@@ -10,22 +10,10 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{Running, assert_no_error, current_port, free_port, http_get_on, with_port};
+use common::{
+    Running, assert_no_error, current_port, free_port, http_get_on, readme_recipes, with_port,
+};
 use gst::prelude::*;
-
-/// The recipe lines of the README, without `gst-launch-1.0 `.
-fn recipes() -> Vec<String> {
-    let readme = include_str!("../README.md");
-    let start = readme.find("<!-- recipes -->").expect("recipes marker");
-    let end = readme
-        .find("<!-- /recipes -->")
-        .expect("recipes end marker");
-    readme[start..end]
-        .lines()
-        .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
-        .map(str::to_string)
-        .collect()
-}
 
 /// Starts a server recipe on a free port; returns the pipeline and the port.
 fn start_server(recipe: &str) -> (Running, u16) {
@@ -80,7 +68,7 @@ fn expectation(recipe: &str) -> (&'static str, &'static str) {
 fn readme_http_recipes_play() {
     common::init();
     // Mount recipes (several elements on one port) are played below.
-    let http: Vec<String> = recipes()
+    let http: Vec<String> = readme_recipes()
         .into_iter()
         .filter(|r| r.contains("http=true") && !r.contains("mount="))
         .collect();
@@ -116,7 +104,7 @@ fn readme_http_recipes_play() {
 #[test]
 fn readme_mount_recipe_serves_each_mount() {
     common::init();
-    let recipe = recipes()
+    let recipe = readme_recipes()
         .into_iter()
         .find(|r| r.contains("mount="))
         .expect("a recipe with mounts");
@@ -154,7 +142,7 @@ fn readme_mount_recipe_serves_each_mount() {
 #[test]
 fn readme_raw_tcp_recipe_plays_to_its_receiver() {
     common::init();
-    let all = recipes();
+    let all = readme_recipes();
     let receiver_at = all
         .iter()
         .position(|r| r.starts_with("tcpclientsrc"))

@@ -8,14 +8,16 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::http::{connect, find, handles, read_head, read_some, read_to_eof, wait_handles};
+use common::http::{
+    connect, find, handles, read_head, read_some, read_to_eof, read_until_closed, wait_handles,
+};
 use common::*;
 use gst::prelude::*;
 
@@ -43,31 +45,6 @@ fn get(port: u16, path: &str) -> TcpStream {
         port,
         format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes(),
     )
-}
-
-/// Like `read_to_eof`, but a reset also ends the connection; says whether it was
-/// reset.
-fn read_until_closed(mut s: &TcpStream) -> (Vec<u8>, bool) {
-    let start = Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let left = DEADLINE.saturating_sub(start.elapsed());
-        assert!(
-            !left.is_zero(),
-            "not closed in time; got {} bytes",
-            out.len()
-        );
-        s.set_read_timeout(Some(left)).unwrap();
-        match s.read(&mut buf) {
-            Ok(0) => return (out, false),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, true),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => panic!("read failed: {e}"),
-        }
-    }
 }
 
 /// Reads until `have` holds `n` bytes.

@@ -93,3 +93,28 @@ pub fn read_head(s: &TcpStream) -> (Vec<u8>, Vec<u8>) {
         }
     }
 }
+
+/// Like [`read_to_eof`], but a reset also ends the connection; says whether it was
+/// reset.
+pub fn read_until_closed(mut s: &TcpStream) -> (Vec<u8>, bool) {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let left = DEADLINE.saturating_sub(start.elapsed());
+        assert!(
+            !left.is_zero(),
+            "not closed in time; got {} bytes",
+            out.len()
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (out, false),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return (out, true),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+}

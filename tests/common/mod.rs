@@ -536,6 +536,20 @@ pub fn http_get_on(
     }
 }
 
+/// The README's recipe lines (its `recipes` block), without `gst-launch-1.0 `.
+pub fn readme_recipes() -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("<!-- recipes -->").expect("recipes marker");
+    let end = readme
+        .find("<!-- /recipes -->")
+        .expect("recipes end marker");
+    readme[start..end]
+        .lines()
+        .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
+        .map(str::to_string)
+        .collect()
+}
+
 /// `line` (a gst-launch-1.0 line) with every `port=N` swapped for `port={port}`
 /// (0: a free port each, read back with [`current_port`]).
 pub fn with_port(line: &str, port: u16) -> String {
