@@ -5,9 +5,12 @@ C multifdsink, the raw writev floor).
 
     scripts/bench-plot.py bench.csv [-o docs/benchmark.svg] [--size 4096]
     scripts/bench-plot.py bench.csv --markdown     # median tables for docs/benchmark.md
+    scripts/bench-plot.py batch.csv zc-64k.csv -o docs/benchmark.svg   # runs of several commands
 
-Reads the CSV written by `cargo bench --bench fanout -- --csv bench.csv`, takes the
-median over repetitions of every (transport, stream, size, column, clients) case and
+Reads the CSVs written by `cargo bench --bench fanout -- --csv bench.csv` (rows of
+several files are taken together, so a column measured by two commands in the same
+case, such as C, gets the median of all its repetitions), takes the median over
+repetitions of every (transport, stream, size, column, clients) case and
 writes an SVG: one band of panels per buffer size, in it one column per transport and
 stream (bitrate or rate), CPU/GB on top, p99 latency below, both axes logarithmic.
 `--markdown` prints the same medians as tables, one row per column and client count
@@ -387,7 +390,7 @@ def markdown(rows):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("csv")
+    ap.add_argument("csv", nargs="+", help="one or more CSV files of the benchmark")
     ap.add_argument("-o", "--output", default="benchmark.svg")
     ap.add_argument("--size", type=int, default=None,
                     help="plot only this buffer size (default: one band of panels per size)")
@@ -396,7 +399,7 @@ def main():
                     help="print the median tables (and sustain results) as Markdown; "
                          "with no -o given, write no plot")
     args = ap.parse_args()
-    rows = read(args.csv)
+    rows = [row for path in args.csv for row in read(path)]
     if args.markdown:
         markdown(rows)
         if "-o" not in sys.argv and "--output" not in sys.argv:

@@ -10,7 +10,8 @@
 //! have must be refused before any run. Named rs variants (`--rs-variant`) and paced
 //! rates (`--rate`) must run as their own columns, and `--mode targets` on its cases
 //! scaled down to 4 clients must give every target its figures; scripts/bench-plot.py
-//! must plot and tabulate both runs' CSVs (every column, every buffer size).
+//! must plot and tabulate both runs' CSVs (every column, every buffer size), and
+//! plot two CSVs together.
 
 use crate::args::Opts;
 use crate::csv::Csv;
@@ -313,10 +314,34 @@ fn plot_script(args: &[&std::ffi::OsStr]) -> Result<String, String> {
 
 /// scripts/bench-plot.py on the variant case's CSV (C and `io1`, 4 KiB and 64 KiB):
 /// a band of panels per size with both columns, a Markdown row per column, size and
-/// client count; and on the targets' CSV: its tables and the sustain table.
-fn plot_problems(variants_csv: &std::path::Path, targets_csv: &std::path::Path) -> Vec<String> {
+/// client count; on it and the unpaced case's CSV together (as the README's matrix
+/// plot is drawn from several commands): the columns and panels of both; and on the
+/// targets' CSV: its tables and the sustain table.
+fn plot_problems(
+    variants_csv: &std::path::Path,
+    unpaced_csv: &std::path::Path,
+    targets_csv: &std::path::Path,
+) -> Vec<String> {
     let svg = variants_csv.with_extension("svg");
     let mut failures = Vec::new();
+    let both_svg = unpaced_csv.with_extension("both.svg");
+    let both_args = [
+        variants_csv.as_os_str(),
+        unpaced_csv.as_os_str(),
+        "-o".as_ref(),
+        both_svg.as_os_str(),
+    ];
+    match plot_script(&both_args) {
+        Ok(_) => {
+            let text = std::fs::read_to_string(&both_svg).unwrap_or_default();
+            for want in ["rs io1", "rs uring", "rs zc-bt", "300/s", "unpaced (max)"] {
+                if !text.contains(want) {
+                    failures.push(format!("plot of two CSVs: no {want:?}"));
+                }
+            }
+        }
+        Err(e) => failures.push(e),
+    }
     match plot_script(&[variants_csv.as_os_str(), "-o".as_ref(), svg.as_os_str()]) {
         Ok(_) => {
             let text = std::fs::read_to_string(&svg).unwrap_or_default();
@@ -474,7 +499,11 @@ pub fn main() {
     let (target_runs, target_failures) = targets_problems(&dir);
     runs += target_runs;
     failures.extend(target_failures);
-    failures.extend(plot_problems(&dir.join("2.csv"), &dir.join("targets.csv")));
+    failures.extend(plot_problems(
+        &dir.join("2.csv"),
+        &dir.join("0.csv"),
+        &dir.join("targets.csv"),
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     if !failures.is_empty() {
         for f in &failures {
