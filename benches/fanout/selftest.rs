@@ -11,7 +11,8 @@
 //! rates (`--rate`) must run as their own columns, and `--mode targets` on its cases
 //! scaled down to 4 clients must give every target its figures; scripts/bench-plot.py
 //! must plot and tabulate both runs' CSVs (every column, every buffer size), and
-//! plot two CSVs together.
+//! plot two CSVs together; every documented plot command must run, and the one that
+//! draws docs/benchmark.svg from docs/data must draw exactly the committed plot.
 
 use crate::args::Opts;
 use crate::csv::Csv;
@@ -55,6 +56,79 @@ fn documented_commands() -> Vec<(&'static str, Vec<String>)> {
         }
     }
     found
+}
+
+const PLOT: &str = "scripts/bench-plot.py ";
+
+/// Every scripts/bench-plot.py line of the documents' shell blocks, comment cut off.
+fn documented_plot_commands() -> Vec<(&'static str, String)> {
+    let mut found = Vec::new();
+    for (name, text) in DOCS {
+        let mut in_block = false;
+        for line in text.lines() {
+            if line.starts_with("```") {
+                in_block = !in_block;
+                continue;
+            }
+            let line = line.split(" #").next().unwrap_or("").trim();
+            if in_block && line.starts_with(PLOT) {
+                found.push((name, line.to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// Runs every documented plot command through `sh` from the source folder, as
+/// written but for its file names: `bench.csv` becomes `csv` (a CSV of this run) and
+/// the `-o` file one in `dir`. The command that draws `docs/benchmark.svg` (from the
+/// committed CSVs under docs/data) must draw exactly the committed plot, so the
+/// README's plot is the one its data and command give.
+fn documented_plot_problems(csv: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let commands = documented_plot_commands();
+    let mut failures = Vec::new();
+    if !commands
+        .iter()
+        .any(|(doc, c)| *doc == "README.md" && c.ends_with(" -o docs/benchmark.svg"))
+    {
+        failures.push("README: no command draws docs/benchmark.svg".into());
+    }
+    for (i, (doc, command)) in commands.iter().enumerate() {
+        let mut words: Vec<String> = command.split_whitespace().map(String::from).collect();
+        let out = dir.join(format!("documented-{i}.svg"));
+        let mut committed = None;
+        for j in 0..words.len() {
+            if words[j] == "bench.csv" {
+                words[j] = csv.display().to_string();
+            }
+            if j > 0 && (words[j - 1] == "-o" || words[j - 1] == "--output") {
+                committed = Some(std::path::Path::new(root).join(&words[j]));
+                words[j] = out.display().to_string();
+            }
+        }
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(words.join(" "))
+            .current_dir(root)
+            .stdout(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            failures.push(format!("{doc}: `{command}` failed"));
+            continue;
+        }
+        if command.ends_with(" -o docs/benchmark.svg") {
+            let drawn = std::fs::read(&out).unwrap_or_default();
+            let kept = committed.and_then(|p| std::fs::read(p).ok());
+            if kept.as_deref() != Some(drawn.as_slice()) {
+                failures.push(format!(
+                    "{doc}: `{command}` draws another plot than the committed \
+                     docs/benchmark.svg: run it again and commit the plot"
+                ));
+            }
+        }
+    }
+    failures
 }
 
 /// Runs the orchestrator on `args`; returns its rows and the CSV's lines.
@@ -504,6 +578,7 @@ pub fn main() {
         &dir.join("0.csv"),
         &dir.join("targets.csv"),
     ));
+    failures.extend(documented_plot_problems(&dir.join("0.csv"), &dir));
     let _ = std::fs::remove_dir_all(&dir);
     if !failures.is_empty() {
         for f in &failures {
