@@ -14,12 +14,16 @@ use gstrsmultifdsink::engine::{
     Settings, SyncMethod, Unit,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+use nix::sys::socket::{setsockopt, sockopt};
 
 // The seeded generator the stress program uses too.
 #[path = "../benches/common/rng.rs"]
 mod rng;
 
+#[path = "common/engine_fds.rs"]
+mod engine_fds;
+
+use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring};
 use rng::Rng;
 
 /// The removals, and how many rounds of writes went through io_uring (from the
@@ -151,20 +155,12 @@ fn client_fds(rng: &mut Rng, zero_copy: bool) -> (OwnedFd, OwnedFd) {
     let (r, w): (OwnedFd, OwnedFd) = match kind {
         0 => return nix::unistd::pipe().unwrap(),
         1 => {
-            let (a, b) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .unwrap();
+            let (a, b) = unix_stream_pair();
             (b, a)
         }
         _ => {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            (client.into(), server.into())
+            let (server, client) = tcp_pair();
+            (client, server)
         }
     };
     setsockopt(&w, sockopt::SndBuf, &4096).unwrap();
@@ -312,13 +308,6 @@ fn engine_with_io_uring_matches_reference_model() {
         .map(|seed| run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, with_io_uring()))
         .sum();
     assert!(rounds > 0, "no write went through io_uring");
-}
-
-fn with_io_uring() -> Settings {
-    Settings {
-        io_uring: true,
-        ..Settings::default()
-    }
 }
 
 /// The same with clients spread over three IO threads.
