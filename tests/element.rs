@@ -69,34 +69,19 @@ fn changed_streamheader_not_resent_when_disabled() {
     h.stop();
 }
 
-/// Case `i` of the check suite's burst scenarios, with three pipes.
-fn burst_case(i: usize) {
-    let pipes = [pipe(), pipe(), pipe()];
-    let [a, b, c] = &pipes;
-    common::burst_scenario(
-        SINK,
-        BURST_CASES[i].clone(),
-        [
-            (raw(&a.1).to_value(), &a.0),
-            (raw(&b.1).to_value(), &b.0),
-            (raw(&c.1).to_value(), &c.0),
-        ],
-    );
-}
-
 #[test]
 fn burst_client_bytes() {
-    burst_case(0);
+    check_suite::burst_case(SINK, 0, pipe);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_case(1);
+    check_suite::burst_case(SINK, 1, pipe);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_case(2);
+    check_suite::burst_case(SINK, 2, pipe);
 }
 
 #[test]

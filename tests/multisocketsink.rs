@@ -230,33 +230,19 @@ fn changed_streamheader_is_resent() {
     fed.stop();
 }
 
-/// Case `i` of the check suite's burst scenarios, with three sockets.
-fn burst_case(i: usize) {
-    let [a, b, c] = [socket_pair(), socket_pair(), socket_pair()];
-    common::burst_scenario(
-        SINK,
-        BURST_CASES[i].clone(),
-        [
-            (a.0.to_value(), &a.1),
-            (b.0.to_value(), &b.1),
-            (c.0.to_value(), &c.1),
-        ],
-    );
-}
-
 #[test]
 fn burst_client_bytes() {
-    burst_case(0);
+    check_suite::burst_case(SINK, 0, socket_pair);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_case(1);
+    check_suite::burst_case(SINK, 1, socket_pair);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_case(2);
+    check_suite::burst_case(SINK, 2, socket_pair);
 }
 
 #[test]

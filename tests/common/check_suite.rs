@@ -167,3 +167,14 @@ pub fn assert_same_bytes_as_c(ours: &[Vec<u8>], c: &[Vec<u8>], message: &str) {
     };
     assert_eq!(show(ours), show(c), "{message}");
 }
+
+/// Case `i` of the check suite's burst scenarios (`BURST_CASES`) with three
+/// clients made by `new_client`.
+pub fn burst_case<C: CheckClient>(factory: &str, i: usize, new_client: fn() -> C) {
+    let clients = [new_client(), new_client(), new_client()];
+    super::burst_scenario(
+        factory,
+        super::BURST_CASES[i].clone(),
+        clients.each_ref().map(|c| (c.handle(), c.reader())),
+    );
+}
