@@ -28,7 +28,7 @@ use nix::sys::socket::{setsockopt, sockopt};
 #[path = "common/engine_fds.rs"]
 mod engine_fds;
 
-use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring};
+use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring, zero_copy};
 
 /// How long a wait for something that must happen may take before the test fails.
 /// The longest a test waits for what should happen: a safety bound, never a pace.
@@ -2398,6 +2398,18 @@ fn read_buffers(fd: RawFd, want: usize) -> std::thread::JoinHandle<Vec<u32>> {
     })
 }
 
+/// Adds `n` clients on roomy socketpairs (never slow), each drained by a reader
+/// thread that expects `buffers` overload buffers (see `read_buffers`).
+fn draining_clients(f: &Fixture, n: usize, buffers: u32) -> Vec<std::thread::JoinHandle<Vec<u32>>> {
+    (0..n)
+        .map(|_| {
+            let (mine, peer) = f.roomy_socketpair();
+            f.add(mine, latest());
+            read_buffers(peer, buffers as usize * 16 * 1024)
+        })
+        .collect()
+}
+
 /// An engine whose IO thread costs `cost` per buffer written to a client, with
 /// `units-max` of `limit` buffers: a fast producer outruns it at once.
 fn slow_io_fixture(policy: OverloadPolicy, cost: Duration, limit: u64) -> Fixture {
@@ -2415,13 +2427,7 @@ fn slow_io_fixture(policy: OverloadPolicy, cost: Duration, limit: u64) -> Fixtur
 fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
     let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(600), 4);
     const BUFFERS: u32 = 200;
-    let readers: Vec<_> = (0..8)
-        .map(|_| {
-            let (mine, peer) = f.roomy_socketpair();
-            f.add(mine, latest());
-            read_buffers(peer, BUFFERS as usize * 16 * 1024)
-        })
-        .collect();
+    let readers = draining_clients(&f, 8, BUFFERS);
     let mut waited = Duration::ZERO;
     // io-load, read while the IO thread is the bottleneck (afterwards it idles).
     let mut busiest = 0.0f64;
@@ -2452,13 +2458,7 @@ fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
 fn stalled_client_next_to_draining_ones_is_removed_as_slow() {
     let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(100), 4);
     const BUFFERS: u32 = 200;
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let (mine, peer) = f.roomy_socketpair();
-            f.add(mine, latest());
-            read_buffers(peer, BUFFERS as usize * 16 * 1024)
-        })
-        .collect();
+    let readers = draining_clients(&f, 4, BUFFERS);
     let (stalled, _never_read) = f.socketpair();
     f.add(stalled, latest());
     for i in 0..BUFFERS {
@@ -2647,13 +2647,6 @@ fn drop_buffers_policy_removes_a_client_whose_fd_stays_full() {
 
 // ---------------------------------------------------------------------------------
 // Zero-copy: sendfile from the memfd
-
-fn zero_copy() -> Settings {
-    Settings {
-        zero_copy: true,
-        ..Settings::default()
-    }
-}
 
 /// The streamheader then 4 buffers of 256 KiB (more than a pipe or UNIX socket
 /// holds at once, so writes are partial) to one client of each fd kind, each on an engine

@@ -33,3 +33,11 @@ pub fn with_io_uring() -> Settings {
         ..Settings::default()
     }
 }
+
+/// The default settings with zero-copy: data sent by `sendfile` from the memfd.
+pub fn zero_copy() -> Settings {
+    Settings {
+        zero_copy: true,
+        ..Settings::default()
+    }
+}
