@@ -15,12 +15,7 @@ const SINK: &str = "rsmultifdsink";
 
 #[test]
 fn no_clients() {
-    let mut h = harness(SINK, &[]);
-    h.set_src_caps_str(CHECK_CAPS);
-    h.push_bytes(b"dead", false);
-    assert_eq!(h.u64("bytes-to-serve"), 4);
-    assert_eq!(h.u64("bytes-served"), 0);
-    h.stop();
+    check_suite::no_clients(SINK);
 }
 
 #[test]
@@ -49,56 +44,12 @@ fn add_client_in_null_state_adds_nothing() {
 
 #[test]
 fn streamheader_sent_once_then_data() {
-    let mut h = harness(SINK, &[]);
-    let (r1, w1) = pipe();
-    let (r2, w2) = pipe();
-    assert_eq!(h.u32("num-handles"), 0);
-    h.add_fd(raw(&w1));
-    assert_eq!(h.u32("num-handles"), 1);
-    h.set_src_caps(streamheader_caps(&[b"babe", b"deadbeef"]));
-    // The HEADER buffers repeat the caps' streamheader: not sent as data.
-    h.push_ok(buffer(b"babe", false, true));
-    h.push_ok(buffer(b"deadbeef", false, true));
-    h.push_bytes(b"f00d", false);
-    assert_eq!(read_exact(&r1, 16), b"babedeadbeeff00d");
-    h.wait_u64("bytes-served", 16);
-
-    h.add_fd(raw(&w2));
-    assert_eq!(h.u32("num-handles"), 2);
-    h.push_bytes(b"deaf", false);
-    assert_eq!(read_exact(&r1, 4), b"deaf");
-    assert_eq!(read_exact(&r2, 16), b"babedeadbeefdeaf");
-    h.wait_u64("bytes-served", 36);
-    assert_nothing_readable(&r1);
-    assert_nothing_readable(&r2);
-    h.remove_fd(raw(&w1));
-    assert_eq!(h.u32("num-handles"), 1);
-    h.remove_fd(raw(&w2));
-    assert_eq!(h.u32("num-handles"), 0);
-    h.stop();
+    check_suite::streamheader_sent_once_then_data(SINK, pipe);
 }
 
 #[test]
 fn changed_streamheader_is_resent() {
-    let mut h = harness(SINK, &[]);
-    let (r1, w1) = pipe();
-    let (r2, w2) = pipe();
-    h.set_src_caps(streamheader_caps(&[b"first", b"header"]));
-    h.push_ok(buffer(b"first", false, true));
-    h.push_ok(buffer(b"header", false, true));
-    h.add_fd(raw(&w1));
-    h.push_bytes(b"f00d", false);
-    assert_eq!(read_exact(&r1, 15), b"firstheaderf00d");
-    h.add_fd(raw(&w2));
-    h.set_src_caps(streamheader_caps(&[b"second", b"header"]));
-    h.push_ok(buffer(b"second", false, true));
-    h.push_ok(buffer(b"header", false, true));
-    h.push_bytes(b"deadbabe", false);
-    assert_eq!(read_exact(&r1, 20), b"secondheaderdeadbabe");
-    assert_eq!(read_exact(&r2, 20), b"secondheaderdeadbabe");
-    h.wait_u64("bytes-served", 55);
-    assert_nothing_readable(&r1);
-    assert_nothing_readable(&r2);
+    let (h, _clients) = check_suite::changed_streamheader_is_resent(SINK, pipe);
     h.stop();
 }
 
@@ -118,50 +69,24 @@ fn changed_streamheader_not_resent_when_disabled() {
     h.stop();
 }
 
-/// Case `i` of the check suite's burst scenarios, with three pipes.
-fn burst_case(i: usize) {
-    let pipes = [pipe(), pipe(), pipe()];
-    let [a, b, c] = &pipes;
-    common::burst_scenario(
-        SINK,
-        BURST_CASES[i].clone(),
-        [
-            (raw(&a.1).to_value(), &a.0),
-            (raw(&b.1).to_value(), &b.0),
-            (raw(&c.1).to_value(), &c.0),
-        ],
-    );
-}
-
 #[test]
 fn burst_client_bytes() {
-    burst_case(0);
+    check_suite::burst_case(SINK, 0, pipe);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_case(1);
+    check_suite::burst_case(SINK, 1, pipe);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_case(2);
+    check_suite::burst_case(SINK, 2, pipe);
 }
 
 #[test]
 fn client_next_keyframe() {
-    let mut h = harness(SINK, &[("sync-method", "next-keyframe")]);
-    h.set_src_caps_str(CHECK_CAPS);
-    let (r, w) = pipe();
-    h.add_fd(raw(&w));
-    h.push_bytes(&b16(0), true); // a delta unit: skipped while waiting
-    h.push_bytes(&b16(1), false);
-    h.push_bytes(&b16(2), true);
-    let want: Vec<u8> = [b16(1), b16(2)].concat();
-    assert_eq!(read_exact(&r, 32), want);
-    h.wait_u64("bytes-served", 32);
-    assert_nothing_readable(&r);
-    h.stop();
+    check_suite::client_next_keyframe(SINK, pipe);
 }
 
 #[test]
@@ -443,15 +368,9 @@ fn same_bytes_as_the_c_multifdsink() {
         gst::ElementFactory::find("multifdsink").is_some(),
         "the C multifdsink (gstreamer1.0-plugins-base) is required"
     );
-    let props = [
-        ("sync-method", "burst"),
-        ("burst-format", "bytes"),
-        ("burst-value", "40"),
-        ("bytes-min", "64"),
-    ];
     let mut captured = Vec::new();
     for factory in [SINK, "multifdsink"] {
-        let mut h = harness(factory, &props);
+        let mut h = harness(factory, &check_suite::C_COMPARISON_PROPS);
         let rec = Recorder::attach(&h.sink());
         h.set_src_caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
         let mut clients = Vec::new();
@@ -489,19 +408,10 @@ fn same_bytes_as_the_c_multifdsink() {
         "{:?}",
         captured[0]
     );
-    let show = |c: &Vec<Vec<u8>>| {
-        c.iter()
-            .map(|b| {
-                String::from_utf8_lossy(b)
-                    .replace("deadbee0000", " ")
-                    .replace("\0", "")
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        show(&captured[0]),
-        show(&captured[1]),
-        "rsmultifdsink and multifdsink wrote different bytes"
+    check_suite::assert_same_bytes_as_c(
+        &captured[0],
+        &captured[1],
+        "rsmultifdsink and multifdsink wrote different bytes",
     );
 }
 

@@ -23,7 +23,12 @@ use gstrsmultifdsink::engine::{
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+use nix::sys::socket::{setsockopt, sockopt};
+
+#[path = "common/engine_fds.rs"]
+mod engine_fds;
+
+use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring, zero_copy};
 
 /// How long a wait for something that must happen may take before the test fails.
 /// The longest a test waits for what should happen: a safety bound, never a pace.
@@ -371,6 +376,12 @@ impl Recorder {
     }
 }
 
+/// The events of a client added once and then removed with `status`, in the order
+/// the engine must signal them.
+fn added_then_removed(fd: Fd, status: ClientStatus) -> Vec<Ev> {
+    vec![Ev::Added(fd), Ev::Removed(fd, status), Ev::FdRemoved(fd)]
+}
+
 /// The status of the (last) removal of `fd`, checking `Removed` directly precedes
 /// `FdRemoved` in that fd's events.
 #[track_caller]
@@ -524,13 +535,7 @@ impl Fixture {
 
     /// A connected UNIX stream socketpair: (the engine's end, the peer's end).
     fn socketpair(&self) -> (RawFd, RawFd) {
-        let (a, b) = socketpair(
-            AddressFamily::Unix,
-            SockType::Stream,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap();
+        let (a, b) = unix_stream_pair();
         (self.own(a), self.own(b))
     }
 
@@ -545,10 +550,31 @@ impl Fixture {
 
     /// A TCP connection on 127.0.0.1: (the accepted, server end; the client end).
     fn tcp(&self) -> (RawFd, RawFd) {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
+        let (server, client) = tcp_pair();
         (self.own(server), self.own(client))
+    }
+
+    /// Resets the TCP connection from the client's side (an abortive close: with
+    /// SO_LINGER 0 the close sends an RST) and waits until the engine removed the
+    /// server end: as closed or as an error, whichever of a read or a write met
+    /// the reset first.
+    #[track_caller]
+    fn reset_tcp_and_wait_gone(&self, server: RawFd, client: RawFd) {
+        setsockopt(
+            &bfd(client),
+            sockopt::Linger,
+            &nix::libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        )
+        .unwrap();
+        self.close(client);
+        let status = self.rec.wait_gone(server);
+        assert!(
+            matches!(status, ClientStatus::Closed | ClientStatus::Error),
+            "{status:?}"
+        );
     }
 
     /// Closes one of the test's fds now.
@@ -596,6 +622,18 @@ impl Fixture {
 
     fn buffers_queued(&self) -> u64 {
         self.engine.counters().buffers_queued
+    }
+
+    /// The queue's counters from one reading: (bytes to serve, bytes served,
+    /// buffers queued, bytes queued).
+    fn queue_counters(&self) -> (u64, u64, u64, u64) {
+        let c = self.engine.counters();
+        (
+            c.bytes_to_serve,
+            c.bytes_served,
+            c.buffers_queued,
+            c.bytes_queued,
+        )
     }
 }
 
@@ -1442,22 +1480,7 @@ fn tcp_client_gets_exact_bytes_and_reset_removes_it() {
         expect_read(client, &big(i));
         expect_read(client2, &big(i));
     }
-    // An abortive close sends RST.
-    setsockopt(
-        &bfd(client),
-        sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    f.close(client);
-    let status = f.rec.wait_gone(server);
-    assert!(
-        matches!(status, ClientStatus::Closed | ClientStatus::Error),
-        "{status:?}"
-    );
+    f.reset_tcp_and_wait_gone(server, client);
     assert_open(server);
     // The other connection is unaffected.
     f.push(key(b(3)));
@@ -1473,21 +1496,7 @@ fn tcp_reset_while_writing_removes_client() {
     // More than the socket buffers hold, so the engine is still writing.
     f.push_all((0..16).map(|i| key(big(i))));
     expect_read(client, &big(0));
-    setsockopt(
-        &bfd(client),
-        sockopt::Linger,
-        &nix::libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
-    .unwrap();
-    f.close(client);
-    let status = f.rec.wait_gone(server);
-    assert!(
-        matches!(status, ClientStatus::Closed | ClientStatus::Error),
-        "{status:?}"
-    );
+    f.reset_tcp_and_wait_gone(server, client);
 }
 
 #[test]
@@ -1678,11 +1687,7 @@ fn bad_fds_are_removed_with_error_from_the_io_side() {
         assert_eq!(f.rec.wait_gone(fd), ClientStatus::Error, "fd {fd}");
         assert_eq!(
             f.rec.events_of(fd),
-            vec![
-                Ev::Added(fd),
-                Ev::Removed(fd, ClientStatus::Error),
-                Ev::FdRemoved(fd)
-            ]
+            added_then_removed(fd, ClientStatus::Error)
         );
         assert_ne!(
             f.rec.thread_of(Ev::Removed(fd, ClientStatus::Error)),
@@ -1732,13 +1737,6 @@ fn regular_file_clients_get_exact_bytes() {
 
 // ---------------------------------------------------------------------------------
 // io_uring: a batch of ready clients written with one submission
-
-fn with_io_uring() -> Settings {
-    Settings {
-        io_uring: true,
-        ..Settings::default()
-    }
-}
 
 /// A UNIX socket, a TCP connection, a pipe and a regular file as clients of one
 /// engine, each getting a stream of big buffers (larger than any of their kernel
@@ -1922,14 +1920,7 @@ fn remove_is_synchronous_and_stats_work_in_the_handler() {
     expect_read(r, &b(0));
     assert!(f.engine.remove(w, ClientStatus::Removed));
     // Both signals before remove returned, in order.
-    assert_eq!(
-        f.rec.events(),
-        vec![
-            Ev::Added(w),
-            Ev::Removed(w, ClientStatus::Removed),
-            Ev::FdRemoved(w)
-        ]
-    );
+    assert_eq!(f.rec.events(), added_then_removed(w, ClientStatus::Removed));
     let me = std::thread::current().id();
     assert_eq!(f.rec.thread_of(Ev::Removed(w, ClientStatus::Removed)), me);
     assert_eq!(f.rec.thread_of(Ev::FdRemoved(w)), me);
@@ -2059,11 +2050,7 @@ fn stop_removes_everybody_and_restart_resets() {
     for w in [w1, w2] {
         assert_eq!(
             f.rec.events_of(w),
-            vec![
-                Ev::Added(w),
-                Ev::Removed(w, ClientStatus::Removed),
-                Ev::FdRemoved(w)
-            ]
+            added_then_removed(w, ClientStatus::Removed)
         );
         assert_open(w);
     }
@@ -2237,30 +2224,12 @@ fn counters_are_exact() {
     assert_eq!(f.num_handles(), 2);
     f.push(key(vec![b'a'; 10]));
     expect_read(r1, &[b'a'; 10]);
-    let c = f.engine.counters();
-    assert_eq!(
-        (
-            c.bytes_to_serve,
-            c.bytes_served,
-            c.buffers_queued,
-            c.bytes_queued
-        ),
-        (10, 10, 1, 10)
-    );
+    assert_eq!(f.queue_counters(), (10, 10, 1, 10));
     f.push(key(vec![b'b'; 20]));
     f.push(key(vec![b'c'; 30]));
     expect_read(r1, &cat(&[&[b'b'; 20], &[b'c'; 30]]));
-    let c = f.engine.counters();
     // The blocked client still needs all three.
-    assert_eq!(
-        (
-            c.bytes_to_serve,
-            c.bytes_served,
-            c.buffers_queued,
-            c.bytes_queued
-        ),
-        (60, 60, 3, 60)
-    );
+    assert_eq!(f.queue_counters(), (60, 60, 3, 60));
     f.drain(r2, filled);
     expect_read(r2, &cat(&[&[b'a'; 10], &[b'b'; 20], &[b'c'; 30]]));
     let c = f.engine.counters();
@@ -2269,16 +2238,7 @@ fn counters_are_exact() {
     f.push(key(vec![b'd'; 5]));
     expect_read(r1, &[b'd'; 5]);
     expect_read(r2, &[b'd'; 5]);
-    let c = f.engine.counters();
-    assert_eq!(
-        (
-            c.bytes_to_serve,
-            c.bytes_served,
-            c.buffers_queued,
-            c.bytes_queued
-        ),
-        (65, 130, 1, 5)
-    );
+    assert_eq!(f.queue_counters(), (65, 130, 1, 5));
     assert_eq!(f.bytes_sent(w1), 65);
     assert_eq!(f.bytes_sent(w2), 65);
     assert!(f.engine.remove(w2, ClientStatus::Removed));
@@ -2381,11 +2341,7 @@ fn removal_during_client_added_waits_for_it() {
     );
     assert_eq!(
         f.rec.events_of(w),
-        vec![
-            Ev::Added(w),
-            Ev::Removed(w, ClientStatus::Removed),
-            Ev::FdRemoved(w)
-        ]
+        added_then_removed(w, ClientStatus::Removed)
     );
     assert!(!f.engine.has_client(w));
 }
@@ -2442,6 +2398,18 @@ fn read_buffers(fd: RawFd, want: usize) -> std::thread::JoinHandle<Vec<u32>> {
     })
 }
 
+/// Adds `n` clients on roomy socketpairs (never slow), each drained by a reader
+/// thread that expects `buffers` overload buffers (see `read_buffers`).
+fn draining_clients(f: &Fixture, n: usize, buffers: u32) -> Vec<std::thread::JoinHandle<Vec<u32>>> {
+    (0..n)
+        .map(|_| {
+            let (mine, peer) = f.roomy_socketpair();
+            f.add(mine, latest());
+            read_buffers(peer, buffers as usize * 16 * 1024)
+        })
+        .collect()
+}
+
 /// An engine whose IO thread costs `cost` per buffer written to a client, with
 /// `units-max` of `limit` buffers: a fast producer outruns it at once.
 fn slow_io_fixture(policy: OverloadPolicy, cost: Duration, limit: u64) -> Fixture {
@@ -2459,13 +2427,7 @@ fn slow_io_fixture(policy: OverloadPolicy, cost: Duration, limit: u64) -> Fixtur
 fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
     let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(600), 4);
     const BUFFERS: u32 = 200;
-    let readers: Vec<_> = (0..8)
-        .map(|_| {
-            let (mine, peer) = f.roomy_socketpair();
-            f.add(mine, latest());
-            read_buffers(peer, BUFFERS as usize * 16 * 1024)
-        })
-        .collect();
+    let readers = draining_clients(&f, 8, BUFFERS);
     let mut waited = Duration::ZERO;
     // io-load, read while the IO thread is the bottleneck (afterwards it idles).
     let mut busiest = 0.0f64;
@@ -2496,13 +2458,7 @@ fn saturated_io_thread_keeps_every_draining_client_and_slows_the_stream() {
 fn stalled_client_next_to_draining_ones_is_removed_as_slow() {
     let f = slow_io_fixture(OverloadPolicy::BackPressure, Duration::from_micros(100), 4);
     const BUFFERS: u32 = 200;
-    let readers: Vec<_> = (0..4)
-        .map(|_| {
-            let (mine, peer) = f.roomy_socketpair();
-            f.add(mine, latest());
-            read_buffers(peer, BUFFERS as usize * 16 * 1024)
-        })
-        .collect();
+    let readers = draining_clients(&f, 4, BUFFERS);
     let (stalled, _never_read) = f.socketpair();
     f.add(stalled, latest());
     for i in 0..BUFFERS {
@@ -2691,13 +2647,6 @@ fn drop_buffers_policy_removes_a_client_whose_fd_stays_full() {
 
 // ---------------------------------------------------------------------------------
 // Zero-copy: sendfile from the memfd
-
-fn zero_copy() -> Settings {
-    Settings {
-        zero_copy: true,
-        ..Settings::default()
-    }
-}
 
 /// The streamheader then 4 buffers of 256 KiB (more than a pipe or UNIX socket
 /// holds at once, so writes are partial) to one client of each fd kind, each on an engine

@@ -4,6 +4,7 @@
 //! The zero-copy runs do the same with `sendfile` from the memfd, over pipes, UNIX
 //! and TCP sockets with small send buffers (partial writes).
 
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,12 +15,16 @@ use gstrsmultifdsink::engine::{
     Settings, SyncMethod, Unit,
 };
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, setsockopt, socketpair, sockopt};
+use nix::sys::socket::{setsockopt, sockopt};
 
 // The seeded generator the stress program uses too.
 #[path = "../benches/common/rng.rs"]
 mod rng;
 
+#[path = "common/engine_fds.rs"]
+mod engine_fds;
+
+use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring, zero_copy};
 use rng::Rng;
 
 /// The removals, and how many rounds of writes went through io_uring (from the
@@ -151,36 +156,16 @@ fn client_fds(rng: &mut Rng, zero_copy: bool) -> (OwnedFd, OwnedFd) {
     let (r, w): (OwnedFd, OwnedFd) = match kind {
         0 => return nix::unistd::pipe().unwrap(),
         1 => {
-            let (a, b) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )
-            .unwrap();
+            let (a, b) = unix_stream_pair();
             (b, a)
         }
         _ => {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (server, _) = listener.accept().unwrap();
-            (client.into(), server.into())
+            let (server, client) = tcp_pair();
+            (client, server)
         }
     };
     setsockopt(&w, sockopt::SndBuf, &4096).unwrap();
     (r, w)
-}
-
-/// Returns the rounds of writes that went through io_uring.
-fn run(seed: u64, io_threads: usize, zero_copy: bool) -> usize {
-    run_with(
-        seed,
-        io_threads,
-        Settings {
-            zero_copy,
-            ..Settings::default()
-        },
-    )
 }
 
 /// One random run with these settings (the queue is kept whole whatever they say).
@@ -297,36 +282,40 @@ fn run_with(seed: u64, io_threads: usize, settings: Settings) -> usize {
     removals.1.load(Ordering::Relaxed)
 }
 
+/// `run_with` for each of `seeds` in order, each spread over the u64 range first
+/// (neighbouring seeds give unrelated runs; a failure prints the spread value):
+/// the rounds of writes that went through io_uring in all of them.
+fn run_seeds(seeds: RangeInclusive<u64>, io_threads: usize, settings: Settings) -> usize {
+    seeds
+        .map(|seed| {
+            run_with(
+                seed.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                io_threads,
+                settings.clone(),
+            )
+        })
+        .sum()
+}
+
 #[test]
 fn engine_matches_reference_model() {
-    for seed in 1..=40u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, false);
-    }
+    run_seeds(1..=40, 1, Settings::default());
 }
 
 /// The same with `io_uring`: every write of a batch of clients submitted together
 /// (pipes: WRITEV with RWF_NOWAIT), partial writes settled from the completions.
 #[test]
 fn engine_with_io_uring_matches_reference_model() {
-    let rounds: usize = (1..=40u64)
-        .map(|seed| run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, with_io_uring()))
-        .sum();
+    let rounds = run_seeds(1..=40, 1, with_io_uring());
     assert!(rounds > 0, "no write went through io_uring");
-}
-
-fn with_io_uring() -> Settings {
-    Settings {
-        io_uring: true,
-        ..Settings::default()
-    }
 }
 
 /// The same with clients spread over three IO threads.
 #[test]
 fn sharded_engine_matches_reference_model() {
     for seed in 41..=60u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, false);
-        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, with_io_uring());
+        run_seeds(seed..=seed, 3, Settings::default());
+        run_seeds(seed..=seed, 3, with_io_uring());
     }
 }
 
@@ -335,56 +324,46 @@ fn sharded_engine_matches_reference_model() {
 /// and TCP sockets.
 #[test]
 fn zero_copy_engine_matches_reference_model() {
-    for seed in 61..=100u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, true);
-    }
+    run_seeds(61..=100, 1, zero_copy());
 }
 
 /// Zero-copy with clients on three IO threads, all sending from one memfd.
 #[test]
 fn sharded_zero_copy_engine_matches_reference_model() {
-    for seed in 101..=120u64 {
-        run(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 3, true);
-    }
+    run_seeds(101..=120, 3, zero_copy());
 }
 
 /// The same with write batching: clients' data waits for their batch, and the bytes
 /// stay exactly the model's.
 #[test]
 fn batching_engine_matches_reference_model() {
-    for seed in 61..=80u64 {
-        let settings = Settings {
-            batch_time: Some(Duration::from_millis(5)),
-            ..Settings::default()
-        };
-        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);
-    }
+    let settings = Settings {
+        batch_time: Some(Duration::from_millis(5)),
+        ..Settings::default()
+    };
+    run_seeds(61..=80, 1, settings);
 }
 
 /// Batching and zero-copy together: waiting clients' batches go out by sendfile.
 #[test]
 fn batching_zero_copy_engine_matches_reference_model() {
-    for seed in 121..=140u64 {
-        let settings = Settings {
-            batch_time: Some(Duration::from_millis(5)),
-            zero_copy: true,
-            ..Settings::default()
-        };
-        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);
-    }
+    let settings = Settings {
+        batch_time: Some(Duration::from_millis(5)),
+        zero_copy: true,
+        ..Settings::default()
+    };
+    run_seeds(121..=140, 1, settings);
 }
 
 /// Everything at once: batches written by one io_uring submission, or by sendfile
 /// where zero-copy takes the fd.
 #[test]
 fn batching_zero_copy_io_uring_engine_matches_reference_model() {
-    for seed in 141..=160u64 {
-        let settings = Settings {
-            batch_time: Some(Duration::from_millis(5)),
-            zero_copy: true,
-            io_uring: true,
-            ..Settings::default()
-        };
-        run_with(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15), 1, settings);
-    }
+    let settings = Settings {
+        batch_time: Some(Duration::from_millis(5)),
+        zero_copy: true,
+        io_uring: true,
+        ..Settings::default()
+    };
+    run_seeds(141..=160, 1, settings);
 }

@@ -38,6 +38,16 @@ fn stats(sink: &gst::Element, socket: &gio::Socket) -> gst::Structure {
     sink.emit_by_name::<gst::Structure>("get-stats", &[socket])
 }
 
+/// `get-stats` for the socket of a client signal, asked from inside its handler
+/// (`args`: the sink, the socket, ...).
+fn stats_in_handler(args: &[glib::Value]) -> gst::Structure {
+    let sink = args[0].get::<gst::Element>().unwrap();
+    sink.emit_by_name_with_values("get-stats", &[args[1].clone()])
+        .unwrap()
+        .get::<gst::Structure>()
+        .unwrap()
+}
+
 /// A socket's identity in recorded events (sockets are not `Send`).
 fn id(socket: &gio::Socket) -> usize {
     socket.as_ptr() as usize
@@ -72,12 +82,7 @@ impl Recorder {
         });
         let r2 = r.clone();
         sink.connect("client-removed", false, move |args| {
-            let sink = args[0].get::<gst::Element>().unwrap();
-            let s = sink
-                .emit_by_name_with_values("get-stats", &[args[1].clone()])
-                .unwrap()
-                .get::<gst::Structure>()
-                .unwrap();
+            let s = stats_in_handler(args);
             let status = status_nick(&args[2]);
             r2.record(Ev::Removed(
                 socket_id(&args[1]),
@@ -88,12 +93,7 @@ impl Recorder {
         });
         let r2 = r.clone();
         sink.connect("client-socket-removed", false, move |args| {
-            let sink = args[0].get::<gst::Element>().unwrap();
-            let s = sink
-                .emit_by_name_with_values("get-stats", &[args[1].clone()])
-                .unwrap()
-                .get::<gst::Structure>()
-                .unwrap();
+            let s = stats_in_handler(args);
             r2.record(Ev::SocketRemoved(socket_id(&args[1]), s.n_fields()));
             None
         });
@@ -158,12 +158,7 @@ fn assert_usable(socket: &gio::Socket, peer: &mut UnixStream) {
 
 #[test]
 fn no_clients() {
-    let mut fed = harness(SINK, &[]);
-    fed.set_src_caps_str(CHECK_CAPS);
-    fed.push_bytes(b"dead", false);
-    assert_eq!(fed.u64("bytes-to-serve"), 4);
-    assert_eq!(fed.u64("bytes-served"), 0);
-    fed.stop();
+    check_suite::no_clients(SINK);
 }
 
 #[test]
@@ -224,104 +219,35 @@ fn add_client_in_null_state_adds_nothing_and_keeps_no_reference() {
 
 #[test]
 fn streamheader_sent_once_then_data() {
-    let mut fed = harness(SINK, &[]);
-    let (s1, p1) = socket_pair();
-    let (s2, p2) = socket_pair();
-    assert_eq!(fed.u32("num-handles"), 0);
-    add(&fed, &s1);
-    assert_eq!(fed.u32("num-handles"), 1);
-    fed.set_src_caps(streamheader_caps(&[b"babe", b"deadbeef"]));
-    fed.push_ok(buffer(b"babe", false, true));
-    fed.push_ok(buffer(b"deadbeef", false, true));
-    fed.push_bytes(b"f00d", false);
-    assert_eq!(read_exact(&p1, 16), b"babedeadbeeff00d");
-    fed.wait_u64("bytes-served", 16);
-
-    add(&fed, &s2);
-    assert_eq!(fed.u32("num-handles"), 2);
-    fed.push_bytes(b"deaf", false);
-    assert_eq!(read_exact(&p1, 4), b"deaf");
-    // The second client missed f00d.
-    assert_eq!(read_exact(&p2, 16), b"babedeadbeefdeaf");
-    fed.wait_u64("bytes-served", 36);
-    assert_nothing_readable(&p1);
-    assert_nothing_readable(&p2);
-    remove(&fed, &s1);
-    assert_eq!(fed.u32("num-handles"), 1);
-    remove(&fed, &s2);
-    assert_eq!(fed.u32("num-handles"), 0);
-    fed.stop();
+    check_suite::streamheader_sent_once_then_data(SINK, socket_pair);
 }
 
 #[test]
 fn changed_streamheader_is_resent() {
-    let mut fed = harness(SINK, &[]);
-    let (s1, p1) = socket_pair();
-    let (s2, p2) = socket_pair();
-    fed.set_src_caps(streamheader_caps(&[b"first", b"header"]));
-    fed.push_ok(buffer(b"first", false, true));
-    fed.push_ok(buffer(b"header", false, true));
-    add(&fed, &s1);
-    fed.push_bytes(b"f00d", false);
-    assert_eq!(read_exact(&p1, 15), b"firstheaderf00d");
-    add(&fed, &s2);
-    fed.set_src_caps(streamheader_caps(&[b"second", b"header"]));
-    fed.push_ok(buffer(b"second", false, true));
-    fed.push_ok(buffer(b"header", false, true));
-    fed.push_bytes(b"deadbabe", false);
-    assert_eq!(read_exact(&p1, 20), b"secondheaderdeadbabe");
-    assert_eq!(read_exact(&p2, 20), b"secondheaderdeadbabe");
-    fed.wait_u64("bytes-served", 55);
-    assert_nothing_readable(&p1);
-    assert_nothing_readable(&p2);
-    remove(&fed, &s1);
-    remove(&fed, &s2);
+    let (fed, [c1, c2]) = check_suite::changed_streamheader_is_resent(SINK, socket_pair);
+    remove(&fed, &c1.0);
+    remove(&fed, &c2.0);
     fed.stop();
-}
-
-/// Case `i` of the check suite's burst scenarios, with three sockets.
-fn burst_case(i: usize) {
-    let [a, b, c] = [socket_pair(), socket_pair(), socket_pair()];
-    common::burst_scenario(
-        SINK,
-        BURST_CASES[i].clone(),
-        [
-            (a.0.to_value(), &a.1),
-            (b.0.to_value(), &b.1),
-            (c.0.to_value(), &c.1),
-        ],
-    );
 }
 
 #[test]
 fn burst_client_bytes() {
-    burst_case(0);
+    check_suite::burst_case(SINK, 0, socket_pair);
 }
 
 #[test]
 fn burst_client_bytes_keyframe() {
-    burst_case(1);
+    check_suite::burst_case(SINK, 1, socket_pair);
 }
 
 #[test]
 fn burst_client_bytes_with_keyframe() {
-    burst_case(2);
+    check_suite::burst_case(SINK, 2, socket_pair);
 }
 
 #[test]
 fn client_next_keyframe() {
-    let mut fed = harness(SINK, &[("sync-method", "next-keyframe")]);
-    fed.set_src_caps_str(CHECK_CAPS);
-    let (socket, peer) = socket_pair();
-    add(&fed, &socket);
-    fed.push_bytes(&b16(0), true); // a delta unit: skipped while waiting
-    fed.push_bytes(&b16(1), false);
-    fed.push_bytes(&b16(2), true);
-    let want: Vec<u8> = [b16(1), b16(2)].concat();
-    assert_eq!(read_exact(&peer, 32), want);
-    fed.wait_u64("bytes-served", 32);
-    assert_nothing_readable(&peer);
-    fed.stop();
+    check_suite::client_next_keyframe(SINK, socket_pair);
 }
 
 #[test]
@@ -607,13 +533,7 @@ fn read_through(peer: &UnixStream, suffix: &[u8]) -> Vec<u8> {
 /// events of each client in order, clients numbered in the order they were added
 /// (which client's flush ends first is up to the IO thread).
 fn scenario(factory: &str) -> (Vec<Vec<u8>>, Vec<(usize, String)>) {
-    let props = [
-        ("sync-method", "burst"),
-        ("burst-format", "bytes"),
-        ("burst-value", "40"),
-        ("bytes-min", "64"),
-    ];
-    let mut fed = harness(factory, &props);
+    let mut fed = harness(factory, &check_suite::C_COMPARISON_PROPS);
     let rec = Recorder::attach(&fed.sink());
     fed.set_src_caps(streamheader_caps(&[b"HEAD1", b"HEAD2"]));
     let mut clients = Vec::new();
@@ -700,19 +620,10 @@ fn same_bytes_and_signals_as_the_c_multisocketsink() {
         rs_bytes.iter().all(|b| b.starts_with(b"HEAD1HEAD2")),
         "{rs_bytes:?}"
     );
-    let show = |c: &Vec<Vec<u8>>| {
-        c.iter()
-            .map(|b| {
-                String::from_utf8_lossy(b)
-                    .replace("deadbee0000", " ")
-                    .replace("\0", "")
-            })
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(
-        show(&rs_bytes),
-        show(&c_bytes),
-        "rsmultisocketsink and multisocketsink wrote different bytes"
+    check_suite::assert_same_bytes_as_c(
+        &rs_bytes,
+        &c_bytes,
+        "rsmultisocketsink and multisocketsink wrote different bytes",
     );
     assert_eq!(rs_events, c_events);
 }

@@ -435,12 +435,7 @@ pub fn search(o: &Opts, t: Transport, bitrate: u64, v: &Variant, out: &mut Outpu
         elem: v.label.clone(),
         status: if s.capped { "capped" } else { "ok" }.into(),
         duration_s: o.duration,
-        rs_props: spec
-            .rs_props
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(";"),
+        rs_props: spec.rs_props_column(),
         ..Row::default()
     });
     eprintln!(

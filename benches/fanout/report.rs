@@ -157,12 +157,7 @@ impl Row {
                 .and_then(|(_, v)| v.parse().ok())
                 .unwrap_or(0),
             units_max: spec.units_max,
-            rs_props: spec
-                .rs_props
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join(";"),
+            rs_props: spec.rs_props_column(),
             stalled: spec.stalled,
             stalled_removed: u("stalled_removed"),
             others_removed: u("others_removed"),

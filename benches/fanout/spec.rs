@@ -126,6 +126,16 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The rsmultifdsink properties as the CSV's `rs_props` column writes them:
+    /// `name=value`, `;` between them, in the order they are set.
+    pub fn rs_props_column(&self) -> String {
+        self.rs_props
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
     pub fn to_args(&self) -> Vec<String> {
         vec![
             format!("elem={}", self.elem.name()),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod check_suite;
 pub mod http;
 pub mod netns;
 pub mod process;

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::socket::{Shutdown, setsockopt, shutdown, sockopt};
 
 use super::app::Ctx;
 use super::clients::{Behaviour, ReaderReport};
-use super::stream::Verifier;
+use super::stream::{Pumped, Verifier};
 
 /// The reading end of one client.
 pub struct ReaderItem {
@@ -32,12 +31,6 @@ pub struct ReaderItem {
     acted: bool,
     self_closed: bool,
     next_slow: Instant,
-}
-
-/// Whether a read pass left the stream open.
-enum Pumped {
-    More,
-    Eof,
 }
 
 impl ReaderItem {
@@ -62,26 +55,7 @@ impl ReaderItem {
         let Some(fd) = self.fd.as_ref() else {
             return Pumped::Eof;
         };
-        let mut left = max;
-        while left > 0 {
-            let want = left.min(buf.len());
-            match nix::unistd::read(fd.as_fd(), &mut buf[..want]) {
-                Ok(0) => return Pumped::Eof,
-                Ok(n) => {
-                    self.verifier.feed(&buf[..n]);
-                    left -= n;
-                }
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => break,
-                Err(e) => {
-                    if self.verifier.error.is_none() {
-                        self.verifier.error = Some(format!("read failed: {e}"));
-                    }
-                    return Pumped::Eof;
-                }
-            }
-        }
-        Pumped::More
+        self.verifier.pump(fd.as_fd(), buf, max)
     }
 
     fn fast(&self, now: Instant) -> bool {

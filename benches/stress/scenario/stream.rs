@@ -3,8 +3,11 @@
 //! The stream: buffers whose every byte is known from their sequence number, and the
 //! verifier that checks what a reader got.
 
+use std::os::fd::BorrowedFd;
 use std::sync::OnceLock;
 use std::time::Duration;
+
+use nix::errno::Errno;
 
 use super::rng::mix;
 
@@ -129,12 +132,44 @@ pub struct Verifier {
     pub error: Option<String>,
 }
 
+/// Whether a read pass left the stream open.
+pub enum Pumped {
+    More,
+    Eof,
+}
+
 impl Verifier {
     pub fn new(sizes: Sizes) -> Verifier {
         Verifier {
             sizes,
             ..Verifier::default()
         }
+    }
+
+    /// Reads up to `max` bytes from a reader's (non-blocking) `fd`, until EAGAIN,
+    /// and checks them. End of file, or a read error (kept as the verifier's error
+    /// unless it has one), ends the stream.
+    pub fn pump(&mut self, fd: BorrowedFd<'_>, buf: &mut [u8], max: usize) -> Pumped {
+        let mut left = max;
+        while left > 0 {
+            let want = left.min(buf.len());
+            match nix::unistd::read(fd, &mut buf[..want]) {
+                Ok(0) => return Pumped::Eof,
+                Ok(n) => {
+                    self.feed(&buf[..n]);
+                    left -= n;
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => break,
+                Err(e) => {
+                    if self.error.is_none() {
+                        self.error = Some(format!("read failed: {e}"));
+                    }
+                    return Pumped::Eof;
+                }
+            }
+        }
+        Pumped::More
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {

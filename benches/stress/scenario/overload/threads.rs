@@ -9,11 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
-use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use super::super::pace;
-use super::super::stream::{Sizes, Verifier, make_buffer};
+use super::super::stream::{Pumped, Sizes, Verifier, make_buffer};
 use super::super::system::proc_status_kib;
 use super::checks::Check;
 use super::phase::{Kind, Phase, Stage};
@@ -75,42 +74,13 @@ struct Item {
     at_target: bool,
 }
 
-/// Whether a read pass left the stream open.
-enum Pumped {
-    More,
-    Eof,
-}
-
 impl Item {
     /// Reads up to `max` bytes (until EAGAIN) and publishes the progress.
     fn pump(&mut self, phase: &Phase, buf: &mut [u8], max: usize) -> Pumped {
         let Some(fd) = self.fd.as_ref() else {
             return Pumped::Eof;
         };
-        let mut left = max;
-        let mut pumped = Pumped::More;
-        while left > 0 {
-            let want = left.min(buf.len());
-            match nix::unistd::read(fd.as_fd(), &mut buf[..want]) {
-                Ok(0) => {
-                    pumped = Pumped::Eof;
-                    break;
-                }
-                Ok(n) => {
-                    self.verifier.feed(&buf[..n]);
-                    left -= n;
-                }
-                Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => break,
-                Err(e) => {
-                    if self.verifier.error.is_none() {
-                        self.verifier.error = Some(format!("read failed: {e}"));
-                    }
-                    pumped = Pumped::Eof;
-                    break;
-                }
-            }
-        }
+        let pumped = self.verifier.pump(fd.as_fd(), buf, max);
         phase.clients[self.client].progress.publish(&self.verifier);
         if !self.at_target && self.verifier.last_whole == phase.drain_target() {
             // The main thread waits for every kept client to get here.
