@@ -59,21 +59,12 @@ fn connect_from(source: &str, port: u16) -> TcpStream {
 }
 
 fn try_connect_from(source: &str, port: u16) -> nix::Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
+    use nix::sys::socket::{SockaddrStorage, bind};
     let from: SocketAddr = format!("{source}:0").parse().unwrap();
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).unwrap();
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
-    Ok(TcpStream::from(fd))
+    common::http::connect_prepared(to, |fd| {
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).unwrap();
+    })
 }
 
 fn send(mut s: TcpStream, bytes: &[u8]) -> TcpStream {

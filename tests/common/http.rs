@@ -3,7 +3,8 @@
 //! client count.
 
 use std::io::{ErrorKind, Read};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
@@ -23,6 +24,21 @@ pub fn wait_handles(sink: &gst::Element, n: u32) {
 /// A TCP connection to 127.0.0.1:`port`.
 pub fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+/// A TCP connection to `to` on a socket that `prepare` sets up before it connects
+/// (binds it to a source address, sets a buffer size); the connect's error, if any.
+pub fn connect_prepared(to: SocketAddr, prepare: impl FnOnce(&OwnedFd)) -> nix::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    prepare(&fd);
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
 }
 
 /// Where `needle` first starts in `hay`.
