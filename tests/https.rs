@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::browser::play_video;
+use common::http::{fails_to_start, new_tcp_server_sink};
 use common::process::KillGroupOnDrop;
 use common::tls::{Ending, TestPki, TlsClient, client_hello};
 use common::*;
@@ -80,37 +81,6 @@ fn assert_ok_head(c: &mut TlsClient) {
 /// Waits until the sink has `n` clients.
 fn wait_clients(sink: &gst::Element, n: u32, what: &str) {
     wait_until_within(what, WAIT, || sink.property::<u32>("num-handles") == n);
-}
-
-/// An `rstcpserversink` with `props` (set from strings) alone in a pipeline in NULL.
-fn sink_in_pipeline(props: &[(&str, &str)]) -> gst::Pipeline {
-    let sink = gst::ElementFactory::make("rstcpserversink")
-        .build()
-        .unwrap();
-    for (k, v) in props {
-        sink.set_property_from_str(k, v);
-    }
-    let pipeline = gst::Pipeline::new();
-    pipeline.add(&sink).unwrap();
-    pipeline
-}
-
-/// Sets `pipeline` to READY, which must fail (`READY {what}` otherwise); the error
-/// message it posted: the error and its debug text.
-fn ready_fails(pipeline: &gst::Pipeline, what: &str) -> (gst::glib::Error, Option<String>) {
-    assert!(
-        pipeline.set_state(gst::State::Ready).is_err(),
-        "READY {what}"
-    );
-    let msg = pipeline
-        .bus()
-        .unwrap()
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("an error message");
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
-    (e.error(), e.debug().map(|d| d.to_string()))
 }
 
 const VIDEO: &str = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! \
@@ -289,11 +259,10 @@ fn bad_certificate_or_key_fails_ready_with_the_reason() {
         if let Some(k) = key {
             props.push(("tls-key", k.to_str().unwrap()));
         }
-        let pipeline = sink_in_pipeline(&props);
-        let (error, debug) = ready_fails(&pipeline, &format!("with {cert:?} / {key:?}"));
+        let sink = new_tcp_server_sink(&props);
+        let (error, debug) = fails_to_start(&sink, &format!("{cert:?} / {key:?}"));
         let text = format!("{error} {debug:?}");
         assert!(text.contains(&want), "{text:?} lacks {want:?}");
-        pipeline.set_state(gst::State::Null).unwrap();
     }
 }
 
@@ -489,19 +458,16 @@ fn elements_sharing_a_port_agree_on_tls() {
         if tls {
             props.extend([("tls-certificate", cert), ("tls-key", key)]);
         }
-        sink_in_pipeline(&props)
+        new_tcp_server_sink(&props)
     };
     let first = element("/a", true);
     first.set_state(gst::State::Ready).unwrap();
     let plain = element("/b", false);
-    let (error, _) = ready_fails(&plain, "without the port's TLS files");
+    let (error, _) = fails_to_start(&plain, "no TLS files on a TLS port");
     assert!(
-        error
-            .to_string()
-            .contains("tls-certificate is unset here but"),
+        error.contains("tls-certificate is unset here but"),
         "{error}"
     );
-    plain.set_state(gst::State::Null).unwrap();
 
     let mut h = tls_harness(
         &pki,

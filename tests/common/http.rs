@@ -9,7 +9,39 @@ use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
-use super::{DEADLINE, wait_until};
+use super::{DEADLINE, init, wait_until};
+
+/// An `rstcpserversink` with `props` set (from strings, in order), in NULL.
+pub fn new_tcp_server_sink(props: &[(&str, &str)]) -> gst::Element {
+    init();
+    let sink = gst::ElementFactory::make("rstcpserversink")
+        .build()
+        .unwrap();
+    for (k, v) in props {
+        sink.set_property_from_str(k, v);
+    }
+    sink
+}
+
+/// Setting `sink` to READY must fail (the test fails naming `what` if it does
+/// not); back in NULL, the error message it posted: the error's text and its
+/// debug text.
+pub fn fails_to_start(sink: &gst::Element, what: &str) -> (String, Option<String>) {
+    let bus = gst::Bus::new();
+    sink.set_bus(Some(&bus));
+    assert!(
+        sink.set_state(gst::State::Ready).is_err(),
+        "READY with {what}"
+    );
+    let _ = sink.set_state(gst::State::Null);
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("an error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    (e.error().to_string(), e.debug().map(|d| d.to_string()))
+}
 
 /// `num-handles` of the sink.
 pub fn handles(sink: &gst::Element) -> u32 {
