@@ -17,14 +17,7 @@ use gst::prelude::*;
 /// The README's browser recipe: the gst-launch-1.0 line (without the command) and
 /// the page.
 fn recipe() -> (String, String) {
-    let readme = include_str!("../README.md");
-    let start = readme
-        .find("<!-- browser-recipe -->")
-        .expect("browser recipe marker");
-    let end = readme
-        .find("<!-- /browser-recipe -->")
-        .expect("browser recipe end marker");
-    let block = &readme[start..end];
+    let block = common::readme_block("browser-recipe");
     let line = block
         .lines()
         .find_map(|l| l.strip_prefix("gst-launch-1.0 "))

@@ -101,6 +101,16 @@ impl Edge {
         edge
     }
 
+    /// Waits (10 s at most) until the edge says its feed from the origin is up.
+    fn wait_feed_up(&mut self) {
+        self.wait_line("feed up", |l| l.starts_with("edge: feed up"));
+    }
+
+    /// Waits (10 s at most) until the edge says its feed is down.
+    fn wait_feed_down(&mut self) {
+        self.wait_line("feed down", |l| l.starts_with("edge: feed down"));
+    }
+
     /// Waits (10 s at most) for a line that `pred` accepts; returns it.
     fn wait_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
         self.wait_line_within(what, common::DEADLINE, pred)
@@ -158,6 +168,13 @@ impl Viewer {
             conn,
             data: Vec::new(),
         }
+    }
+
+    /// A viewer that got `want` bytes of body within [`common::DEADLINE`].
+    fn playing(port: u16, want: usize) -> Viewer {
+        let mut viewer = Viewer::connect(port);
+        assert!(viewer.read_more(want, common::DEADLINE));
+        viewer
     }
 
     /// Reads until the body holds `want` more bytes than now; false on EOF.
@@ -235,6 +252,15 @@ const WEBM_ORIGIN: &str = "videotestsrc is-live=true ! video/x-raw,width=320,hei
      vp8enc deadline=1 keyframe-max-dist=30 ! webmmux streamable=true ! gdppay ! \
      rstcpserversink port=PORT sync-method=latest-keyframe";
 
+/// An origin (`gst-launch-1.0 {pipeline}` on a free port) and an edge program fed
+/// from it with the default options and `extra`; the origin's port.
+fn origin_and_edge(pipeline: &str, extra: &[&str]) -> (KillOnDrop, u16, Edge) {
+    let origin_port = free_port();
+    let origin = start_origin(pipeline, origin_port);
+    let edge = Edge::start(origin_port, extra);
+    (origin, origin_port, edge)
+}
+
 /// A new viewer plays within 5 s of `restarted`: its stream decodes from a keyframe.
 fn new_viewer_plays(
     edge: &Edge,
@@ -260,14 +286,8 @@ fn new_viewer_plays(
         restarted.elapsed()
     );
     assert!(viewer.head().starts_with("HTTP/1.0 200 OK\r\n"));
-    let d = common::decode_from_start(viewer.body(), demuxer, decoder);
-    assert!(
-        d.starts_on_keyframe(),
-        "the new viewer's stream: {} frames, first {:?}, error {:?}",
-        d.decoded.frames,
-        d.first_frame_flags,
-        d.decoded.error
-    );
+    common::decode_from_start(viewer.body(), demuxer, decoder)
+        .assert_starts_on_keyframe("the new viewer's stream");
     viewer
 }
 
@@ -277,19 +297,17 @@ fn new_viewer_plays(
 #[test]
 fn mpegts_viewers_continue_through_an_origin_restart() {
     common::init();
-    let origin_port = free_port();
-    let origin = start_origin(TS_ORIGIN, origin_port);
     // Every buffer of audio-only MPEG-TS is a delta unit: start anywhere.
-    let mut edge = Edge::start(origin_port, &["--max-gap", "10", "--sync-method", "latest"]);
-    edge.wait_line("feed up", |l| l.starts_with("edge: feed up"));
+    let (origin, origin_port, mut edge) =
+        origin_and_edge(TS_ORIGIN, &["--max-gap", "10", "--sync-method", "latest"]);
+    edge.wait_feed_up();
 
-    let mut before = Viewer::connect(edge.port);
-    assert!(before.read_more(16_000, common::DEADLINE));
+    let mut before = Viewer::playing(edge.port, 16_000);
     let frames_before = common::decode(before.body(), TS_DECODER).frames;
     assert!(frames_before > 0, "the stream does not decode");
 
     kill(origin);
-    edge.wait_line("feed down", |l| l.starts_with("edge: feed down"));
+    edge.wait_feed_down();
     // The edge keeps trying while the origin is away (capped backoff).
     edge.wait_line("a second attempt", |l| l.contains("(attempt 2)"));
     let origin = start_origin(TS_ORIGIN, origin_port);
@@ -333,19 +351,17 @@ fn mpegts_viewers_continue_through_an_origin_restart() {
 #[test]
 fn webm_viewers_are_closed_after_the_gap_limit() {
     common::init();
-    let origin_port = free_port();
-    let origin = start_origin(WEBM_ORIGIN, origin_port);
-    let mut edge = Edge::start(origin_port, &["--max-gap", "2", "--health-port", "0"]);
+    let (origin, origin_port, mut edge) =
+        origin_and_edge(WEBM_ORIGIN, &["--max-gap", "2", "--health-port", "0"]);
     let line = edge.wait_line("health port", |l| l.starts_with("edge: health checks on "));
     let health_port: u16 = line.rsplit(':').next().unwrap().parse().unwrap();
-    edge.wait_line("feed up", |l| l.starts_with("edge: feed up"));
+    edge.wait_feed_up();
     assert_eq!(health(health_port), "HTTP/1.0 200 OK");
-    let mut viewer = Viewer::connect(edge.port);
-    assert!(viewer.read_more(50_000, common::DEADLINE));
+    let mut viewer = Viewer::playing(edge.port, 50_000);
 
     let killed = Instant::now();
     kill(origin);
-    edge.wait_line("feed down", |l| l.starts_with("edge: feed down"));
+    edge.wait_feed_down();
     assert_eq!(health(health_port), "HTTP/1.0 503 Service Unavailable");
     // Silence, then a clean close: EOF within the limit and a margin.
     viewer.wait_eof(Duration::from_secs(4));
@@ -380,15 +396,12 @@ fn webm_viewers_are_closed_after_the_gap_limit() {
 #[test]
 fn webm_viewers_through_a_short_outage_continue_or_are_closed() {
     common::init();
-    let origin_port = free_port();
-    let origin = start_origin(WEBM_ORIGIN, origin_port);
-    let mut edge = Edge::start(origin_port, &["--max-gap", "10"]);
-    edge.wait_line("feed up", |l| l.starts_with("edge: feed up"));
-    let mut viewer = Viewer::connect(edge.port);
-    assert!(viewer.read_more(50_000, common::DEADLINE));
+    let (origin, origin_port, mut edge) = origin_and_edge(WEBM_ORIGIN, &["--max-gap", "10"]);
+    edge.wait_feed_up();
+    let mut viewer = Viewer::playing(edge.port, 50_000);
 
     kill(origin);
-    edge.wait_line("feed down", |l| l.starts_with("edge: feed down"));
+    edge.wait_feed_down();
     // A viewer arriving in the gap: placed when the next buffer comes, so it
     // waits (nothing of the old stream) until the feed is back.
     let mut in_gap = Viewer::connect(edge.port);
@@ -452,10 +465,9 @@ fn readme_edge_program_command_serves() {
     }
     let origin = start_origin(WEBM_ORIGIN, origin_port);
     let mut edge = Edge::spawn(&args);
-    edge.wait_line("feed up", |l| l.starts_with("edge: feed up"));
-    let mut viewer = Viewer::connect(edge.port);
-    assert!(viewer.read_more(40_000, common::DEADLINE));
-    let d = common::decode_from_start(viewer.body(), "matroskademux", "vp8dec");
-    assert!(d.starts_on_keyframe(), "{:?}", d.decoded.error);
+    edge.wait_feed_up();
+    let viewer = Viewer::playing(edge.port, 40_000);
+    common::decode_from_start(viewer.body(), "matroskademux", "vp8dec")
+        .assert_starts_on_keyframe("the viewer");
     drop(origin);
 }

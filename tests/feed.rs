@@ -162,14 +162,10 @@ fn gdp_packets_place_clients_and_headers_stay_in_the_streamheader() {
         b"video/mpegts, streamheader=(buffer)< 47 >\0",
     );
     let caps_before = gdp::packet(PayloadType::Caps, 0, None, b"video/mpegts\0");
-    let header_array = gst::Array::new(
-        [&stream_start, &caps_now].map(|p| common::buffer(p, false, true).to_send_value()),
-    );
-    h.set_src_caps(
-        gst::Caps::builder("application/x-gdp")
-            .field("streamheader", header_array)
-            .build(),
-    );
+    h.set_src_caps(common::streamheader_caps_of(
+        "application/x-gdp",
+        &[&stream_start, &caps_now],
+    ));
     let packet = |flags: u16, pts: u64, data: &[u8]| {
         gdp::packet(PayloadType::Buffer, flags, Some(pts), data)
     };
@@ -179,21 +175,12 @@ fn gdp_packets_place_clients_and_headers_stay_in_the_streamheader() {
     let delta2 = packet(buffer_flags::DELTA_UNIT, 3, b"delta two");
     // The early client takes whatever comes next (sync-method latest).
     let (early_read, early_write) = common::pipe();
-    let sync = h.sink().find_property("sync-method").unwrap();
-    let latest = gst::glib::EnumClass::with_type(sync.value_type())
-        .unwrap()
-        .to_value_by_nick("latest")
-        .unwrap();
-    h.sink().emit_by_name_with_values(
-        "add-full",
-        &[
-            common::raw(&early_write).to_value(),
-            latest,
-            gst::Format::Undefined.to_value(),
-            0u64.to_value(),
-            gst::Format::Undefined.to_value(),
-            0u64.to_value(),
-        ],
+    common::add_full(
+        &h.sink(),
+        common::raw(&early_write),
+        "latest",
+        (gst::Format::Undefined, 0),
+        (gst::Format::Undefined, 0),
     );
     // What gdppay pushes: its queued HEADER packets (one superseded), then data,
     // none of it flagged DELTA_UNIT.
@@ -310,14 +297,8 @@ fn edge_serves_viewers_from_a_keyframe(
             magic,
             "viewer {i}: no streamheader first"
         );
-        let d = common::decode_from_start(&body, demuxer, decoder);
-        assert!(
-            d.starts_on_keyframe(),
-            "viewer {i}: {} frames, first frame flags {:?}, error {:?}",
-            d.decoded.frames,
-            d.first_frame_flags,
-            d.decoded.error
-        );
+        common::decode_from_start(&body, demuxer, decoder)
+            .assert_starts_on_keyframe(&format!("viewer {i}"));
     }
     edge.set_state(gst::State::Null).unwrap();
     origin.set_state(gst::State::Null).unwrap();
@@ -353,14 +334,7 @@ fn edge_serves_ogg_viewers_from_a_keyframe() {
 #[test]
 fn readme_origin_and_edge_lines_play() {
     common::init();
-    let readme = include_str!("../README.md");
-    let start = readme
-        .find("<!-- feed-recipes -->")
-        .expect("feed recipes marker");
-    let end = readme
-        .find("<!-- /feed-recipes -->")
-        .expect("feed recipes end");
-    let lines: Vec<&str> = readme[start..end]
+    let lines: Vec<&str> = common::readme_block("feed-recipes")
         .lines()
         .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
         .collect();
@@ -400,14 +374,8 @@ fn readme_origin_and_edge_lines_play() {
     assert_no_error(&origin, "origin");
     assert_no_error(&edge, "edge");
     assert!(head.contains("Content-Type: video/webm"), "{head}");
-    let d = common::decode_from_start(&body, "matroskademux", "vp8dec");
-    assert!(
-        d.starts_on_keyframe(),
-        "{} frames, first frame flags {:?}, error {:?}",
-        d.decoded.frames,
-        d.first_frame_flags,
-        d.decoded.error
-    );
+    common::decode_from_start(&body, "matroskademux", "vp8dec")
+        .assert_starts_on_keyframe("the edge's viewer");
     edge.set_state(gst::State::Null).unwrap();
     origin.set_state(gst::State::Null).unwrap();
 }

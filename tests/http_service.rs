@@ -17,7 +17,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::http::{connect, find, handles, read_to_eof, read_until_closed, wait_handles};
+use common::http::{
+    connect, fails_to_start, find, handles, new_tcp_server_sink, read_to_eof, read_until_closed,
+    wait_handles,
+};
 use common::process::KillOnDrop;
 use common::*;
 use gst::prelude::*;
@@ -59,21 +62,12 @@ fn connect_from(source: &str, port: u16) -> TcpStream {
 }
 
 fn try_connect_from(source: &str, port: u16) -> nix::Result<TcpStream> {
-    use nix::sys::socket::{
-        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
+    use nix::sys::socket::{SockaddrStorage, bind};
     let from: SocketAddr = format!("{source}:0").parse().unwrap();
-    bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).unwrap();
     let to: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
-    Ok(TcpStream::from(fd))
+    common::http::connect_prepared(to, |fd| {
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(from)).unwrap();
+    })
 }
 
 fn send(mut s: TcpStream, bytes: &[u8]) -> TcpStream {
@@ -198,32 +192,6 @@ fn fields(line: &str) -> LogLine {
         bytes: tail[0].into(),
         removal: tail[2].into(),
     }
-}
-
-/// The state change to READY fails; returns the error the element posted.
-fn fails_to_start(sink: &gst::Element) -> String {
-    let bus = gst::Bus::new();
-    sink.set_bus(Some(&bus));
-    assert!(sink.set_state(gst::State::Ready).is_err());
-    let _ = sink.set_state(gst::State::Null);
-    let msg = bus
-        .pop_filtered(&[gst::MessageType::Error])
-        .expect("an error message");
-    match msg.view() {
-        gst::MessageView::Error(e) => e.error().to_string(),
-        _ => unreachable!(),
-    }
-}
-
-fn element(props: &[(&str, &str)]) -> gst::Element {
-    init();
-    let sink = gst::ElementFactory::make("rstcpserversink")
-        .build()
-        .unwrap();
-    for (k, v) in props {
-        sink.set_property_from_str(k, v);
-    }
-    sink
 }
 
 // ---------------------------------------------------------------------------
@@ -652,7 +620,7 @@ fn elements_on_one_port_serve_their_own_mounts() {
     assert_eq!(read_exact(&on_b, 16), b16(103));
 
     // An element only in READY keeps the port open for its mount.
-    let ready = element(&[
+    let ready = new_tcp_server_sink(&[
         ("host", "127.0.0.1"),
         ("port", &port.to_string()),
         ("http", "true"),
@@ -685,7 +653,7 @@ fn sharing_a_port_needs_http_distinct_mounts_and_the_same_port_settings() {
     let with = |extra: &[(&'static str, &'static str)]| {
         let mut v: Vec<(&str, &str)> = base.to_vec();
         v.extend_from_slice(extra);
-        element(&v)
+        new_tcp_server_sink(&v)
     };
     let first = with(&[("mount", "/a")]);
     first.set_state(gst::State::Ready).unwrap();
@@ -711,14 +679,14 @@ fn sharing_a_port_needs_http_distinct_mounts_and_the_same_port_settings() {
         ),
     ];
     for (props, want) in cases {
-        let error = fails_to_start(&with(props));
+        let (error, _) = fails_to_start(&with(props), &format!("{props:?}"));
         assert!(error.contains(want), "{props:?}: {error}");
     }
     // A raw element does not share its port either.
     first.set_state(gst::State::Null).unwrap();
-    let raw = element(&[("host", "127.0.0.1"), ("port", p.as_str())]);
+    let raw = new_tcp_server_sink(&[("host", "127.0.0.1"), ("port", p.as_str())]);
     raw.set_state(gst::State::Ready).unwrap();
-    let error = fails_to_start(&with(&[("mount", "/a")]));
+    let (error, _) = fails_to_start(&with(&[("mount", "/a")]), "a raw element on the port");
     assert!(error.contains("http=true"), "{error}");
     raw.set_state(gst::State::Null).unwrap();
     // Alone again, the port is free to take.
@@ -1189,13 +1157,13 @@ fn access_log_lines_and_rotation() {
     );
     h.stop();
 
-    let unwritable = element(&[
+    let unwritable = new_tcp_server_sink(&[
         ("host", "127.0.0.1"),
         ("port", "0"),
         ("http", "true"),
         ("access-log", "/nonexistent-dir/access.log"),
     ]);
-    let error = fails_to_start(&unwritable);
+    let (error, _) = fails_to_start(&unwritable, "an unwritable access log");
     assert!(
         error.contains("cannot open the access log /nonexistent-dir/access.log"),
         "{error}"

@@ -7,17 +7,20 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::browser::{Browser, serve_page};
+use common::browser::play_video;
+use common::http::{fails_to_start, new_tcp_server_sink};
 use common::process::KillGroupOnDrop;
 use common::tls::{Ending, TestPki, TlsClient, client_hello};
 use common::*;
 use gst::prelude::*;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use rustls::ClientConfig;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -30,30 +33,70 @@ fn tls_props(pki: &TestPki) -> String {
     )
 }
 
+/// `rstcpserversink` with `props` (host and port among them), then `pki`'s
+/// certificate and key, in PLAYING behind the harness.
+fn tls_harness(pki: &TestPki, props: &[(&str, &str)]) -> Harness {
+    let mut all = props.to_vec();
+    all.extend([
+        ("tls-certificate", pki.cert.to_str().unwrap()),
+        ("tls-key", pki.key.to_str().unwrap()),
+    ]);
+    harness("rstcpserversink", &all)
+}
+
+/// [`tls_harness`] on 127.0.0.1, any free port: the harness, its sink, and where it
+/// listens.
+fn tls_server(pki: &TestPki, props: &[(&str, &str)]) -> (Harness, gst::Element, SocketAddr) {
+    let mut all = vec![("host", "127.0.0.1"), ("port", "0")];
+    all.extend_from_slice(props);
+    let h = tls_harness(pki, &all);
+    let sink = h.sink();
+    let addr = addr_of(&sink);
+    (h, sink, addr)
+}
+
+/// Where the sink listens (on 127.0.0.1).
+fn addr_of(sink: &gst::Element) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], current_port(sink)))
+}
+
+/// A TLS client of `addr` that finished its handshake and sent `GET {path}`.
+fn tls_get(addr: SocketAddr, config: &Arc<ClientConfig>, path: &str) -> TlsClient {
+    let mut c = TlsClient::connect(addr, config.clone());
+    c.handshake(WAIT);
+    c.send(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes(), WAIT);
+    c
+}
+
+/// Reads the client's response head; fails unless it is `200 OK`.
+fn assert_ok_head(c: &mut TlsClient) {
+    let head = c.read_head(WAIT);
+    assert!(
+        head.starts_with(b"HTTP/1.0 200 OK\r\n"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+}
+
+/// Waits until the sink has `n` clients.
+fn wait_clients(sink: &gst::Element, n: u32, what: &str) {
+    wait_until_within(what, WAIT, || sink.property::<u32>("num-handles") == n);
+}
+
 const VIDEO: &str = "videotestsrc is-live=true ! video/x-raw,width=160,height=120,framerate=30/1 ! \
      vp8enc deadline=1 keyframe-max-dist=15 ! webmmux streamable=true";
 
-/// The sink's caps' streamheader, concatenated, once the caps are there.
-fn streamheader(sink: &gst::Element) -> Vec<u8> {
-    let pad = sink.static_pad("sink").unwrap();
-    let mut caps = None;
-    wait_until_within("caps with a streamheader", WAIT, || {
-        caps = pad
-            .current_caps()
-            .filter(|c| c.structure(0).unwrap().has_field("streamheader"));
-        caps.is_some()
-    });
-    let array = caps
-        .unwrap()
-        .structure(0)
-        .unwrap()
-        .get::<gst::Array>("streamheader")
-        .unwrap();
-    let mut out = Vec::new();
-    for v in array.iter() {
-        out.extend_from_slice(&v.get::<gst::Buffer>().unwrap().map_readable().unwrap());
-    }
-    out
+/// [`VIDEO`] served over HTTPS with `pki`'s files: the pipeline and its sink, once
+/// the caps with the streamheader are there.
+fn https_server(pki: &TestPki) -> (Running, gst::Element) {
+    let server = Running::launch(&format!(
+        "{VIDEO} ! rstcpserversink name=sink http=true host=127.0.0.1 port=0 \
+         sync-method=latest-keyframe {}",
+        tls_props(pki)
+    ));
+    let sink = server.get("sink");
+    wait_streamheader(&sink);
+    (server, sink)
 }
 
 /// curl over HTTPS with the test CA gets the stream (head, streamheader, data that
@@ -70,8 +113,8 @@ fn curl_over_https_and_plain_http_both_decode() {
         tls_props(&pki)
     ));
     let (tls, plain) = (server.get("tls"), server.get("plain"));
-    let header = streamheader(&tls);
-    assert_eq!(streamheader(&plain), header);
+    let header = wait_streamheader(&tls);
+    assert_eq!(wait_streamheader(&plain), header);
     let captures = [
         (
             format!("https://localhost:{}/", current_port(&tls)),
@@ -123,13 +166,7 @@ fn curl_over_https_and_plain_http_both_decode() {
 #[test]
 fn souphttpsrc_decodes_over_https() {
     let pki = TestPki::new();
-    let server = Running::launch(&format!(
-        "{VIDEO} ! rstcpserversink name=sink http=true host=127.0.0.1 port=0 \
-         sync-method=latest-keyframe {}",
-        tls_props(&pki)
-    ));
-    let sink = server.get("sink");
-    streamheader(&sink);
+    let (server, sink) = https_server(&pki);
     // Verified against the test CA through `tls-database` (`ssl-ca-file` is not
     // applied by Debian 12's souphttpsrc with libsoup 3: it answers "Unacceptable
     // TLS certificate" for a chain the same file database accepts).
@@ -164,76 +201,18 @@ fn souphttpsrc_decodes_over_https() {
     server.assert_no_error();
 }
 
-/// A page whose `<video>` plays `src` and reports to the page server: `playing=`,
-/// `error=`, then `played=T&start=S` once it advanced by more than 1 s past 1 s.
-fn video_page(src: &str) -> String {
-    format!(
-        r#"<!doctype html>
-<html><head><title>LOADING</title></head><body>
-<video id="v" src="{src}" autoplay muted></video>
-<script>
-const v = document.getElementById('v');
-let start = null, done = false;
-function report(what) {{ fetch('/report?' + what).catch(() => {{}}); }}
-v.addEventListener('error', () => report('error=' + encodeURIComponent(
-  v.error ? v.error.code + ' ' + v.error.message : 'unknown')));
-v.addEventListener('playing', () => {{
-  if (start === null) start = v.currentTime;
-  report('playing=' + v.currentTime);
-}});
-function check() {{
-  if (!done && start !== null && v.currentTime > 1.0 && v.currentTime - start > 1.0) {{
-    done = true;
-    report('played=' + v.currentTime + '&start=' + start);
-  }}
-}}
-v.addEventListener('timeupdate', check);
-setInterval(check, 100);
-</script></body></html>"#
-    )
-}
-
 /// Headless Chromium plays the WebM stream over HTTPS in a `<video>` (the test
 /// certificate's errors ignored, as the browser does not know the test CA).
 #[test]
 fn chromium_plays_webm_over_https() {
     let pki = TestPki::new();
-    let server = Running::launch(&format!(
-        "{VIDEO} ! rstcpserversink name=sink http=true host=127.0.0.1 port=0 \
-         sync-method=latest-keyframe {}",
-        tls_props(&pki)
-    ));
-    let sink = server.get("sink");
-    streamheader(&sink);
-    let html = video_page(&format!("https://localhost:{}/", current_port(&sink)));
-    let page = serve_page(html);
-    let _browser = Browser::open(
-        &format!("{}/", page.origin()),
-        &[
-            "--ignore-certificate-errors",
-            "--mute-audio",
-            "--autoplay-policy=no-user-gesture-required",
-        ],
+    let (server, sink) = https_server(&pki);
+    let played = play_video(
+        &format!("https://localhost:{}/", current_port(&sink)),
+        &["--ignore-certificate-errors"],
+        String::new,
     );
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let mut seen = Vec::new();
-    let played = loop {
-        match page
-            .reports
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(r) if r.starts_with("played=") => break r,
-            Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
-            Ok(r) => seen.push(r),
-            Err(_) => panic!("Chromium did not play 1 s over HTTPS; reports: {seen:?}"),
-        }
-    };
-    let current: f64 = played
-        .strip_prefix("played=")
-        .and_then(|r| r.split('&').next())
-        .and_then(|t| t.parse().ok())
-        .unwrap();
-    assert!(current > 1.0, "{played}");
+    assert!(played.current > 1.0, "{}", played.report);
     server.assert_no_error();
 }
 
@@ -273,34 +252,17 @@ fn bad_certificate_or_key_fails_ready_with_the_reason() {
         (None, Some(&pki.key), "tls-certificate".into()),
     ];
     for (cert, key, want) in cases {
-        let sink = gst::ElementFactory::make("rstcpserversink")
-            .property("http", true)
-            .property("host", "127.0.0.1")
-            .property("port", 0i32)
-            .build()
-            .unwrap();
+        let mut props = vec![("http", "true"), ("host", "127.0.0.1"), ("port", "0")];
         if let Some(c) = cert {
-            sink.set_property("tls-certificate", c.to_str().unwrap());
+            props.push(("tls-certificate", c.to_str().unwrap()));
         }
         if let Some(k) = key {
-            sink.set_property("tls-key", k.to_str().unwrap());
+            props.push(("tls-key", k.to_str().unwrap()));
         }
-        let pipeline = gst::Pipeline::new();
-        pipeline.add(&sink).unwrap();
-        let bus = pipeline.bus().unwrap();
-        assert!(
-            pipeline.set_state(gst::State::Ready).is_err(),
-            "READY with {cert:?} / {key:?}"
-        );
-        let msg = bus
-            .pop_filtered(&[gst::MessageType::Error])
-            .expect("an error message");
-        let text = match msg.view() {
-            gst::MessageView::Error(e) => format!("{} {:?}", e.error(), e.debug()),
-            _ => unreachable!(),
-        };
+        let sink = new_tcp_server_sink(&props);
+        let (error, debug) = fails_to_start(&sink, &format!("{cert:?} / {key:?}"));
+        let text = format!("{error} {debug:?}");
         assert!(text.contains(&want), "{text:?} lacks {want:?}");
-        pipeline.set_state(gst::State::Null).unwrap();
     }
 }
 
@@ -310,40 +272,16 @@ fn bad_certificate_or_key_fails_ready_with_the_reason() {
 #[test]
 fn handshake_flood_while_100_clients_play() {
     let pki = TestPki::new();
-    let props = [
-        ("host", "127.0.0.1"),
-        ("port", "0"),
-        ("http", "true"),
-        ("header-timeout", "60000000000"),
-        ("tls-certificate", pki.cert.to_str().unwrap()),
-        ("tls-key", pki.key.to_str().unwrap()),
-    ];
-    let mut h = harness("rstcpserversink", &props);
-    let sink = h.sink();
-    let port = current_port(&sink);
+    let (mut h, sink, addr) =
+        tls_server(&pki, &[("http", "true"), ("header-timeout", "60000000000")]);
     let rec = Recorder::attach(&sink);
     h.set_src_caps(streamheader_caps(&[b"<head>"]));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let config = pki.client_config();
-    let mut clients: Vec<TlsClient> = (0..100)
-        .map(|_| {
-            let mut c = TlsClient::connect(addr, config.clone());
-            c.handshake(WAIT);
-            c.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
-            c
-        })
-        .collect();
+    let mut clients: Vec<TlsClient> = (0..100).map(|_| tls_get(addr, &config, "/")).collect();
     for c in clients.iter_mut() {
-        let head = c.read_head(WAIT);
-        assert!(
-            head.starts_with(b"HTTP/1.0 200 OK\r\n"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
+        assert_ok_head(c);
     }
-    wait_until_within("100 clients", WAIT, || {
-        sink.property::<u32>("num-handles") == 100
-    });
+    wait_clients(&sink, 100, "100 clients");
 
     let mut half = client_hello(config.clone());
     half.truncate(half.len() / 2);
@@ -395,14 +333,7 @@ fn handshake_flood_while_100_clients_play() {
 #[test]
 fn readme_https_recipe_works() {
     init();
-    let readme = include_str!("../README.md");
-    let start = readme
-        .find("<!-- https-recipe -->")
-        .expect("https-recipe marker");
-    let end = readme
-        .find("<!-- /https-recipe -->")
-        .expect("https-recipe end marker");
-    let lines: Vec<&str> = readme[start..end]
+    let lines: Vec<&str> = readme_block("https-recipe")
         .lines()
         .filter(|l| {
             l.starts_with("openssl ") || l.starts_with("gst-launch-1.0 ") || l.starts_with("curl ")
@@ -438,7 +369,7 @@ fn readme_https_recipe_works() {
         .join(" ");
     let server = Running::launch(&description);
     let sink = server.tcp_server_sink();
-    streamheader(&sink);
+    wait_streamheader(&sink);
     let port = current_port(&sink);
     let curl_line = curl
         .split_whitespace()
@@ -469,20 +400,16 @@ fn readme_https_recipe_works() {
 #[test]
 fn proxy_header_then_tls() {
     let pki = TestPki::new();
-    let props = [
-        ("host", "127.0.0.1"),
-        ("port", "0"),
-        ("http", "true"),
-        ("proxy-protocol", "true"),
-        ("max-clients-per-ip", "1"),
-        ("tls-certificate", pki.cert.to_str().unwrap()),
-        ("tls-key", pki.key.to_str().unwrap()),
-    ];
-    let mut h = harness("rstcpserversink", &props);
-    let sink = h.sink();
-    let port = current_port(&sink);
+    let (mut h, sink, addr) = tls_server(
+        &pki,
+        &[
+            ("http", "true"),
+            ("proxy-protocol", "true"),
+            ("max-clients-per-ip", "1"),
+        ],
+    );
+    let port = addr.port();
     h.set_src_caps(streamheader_caps(&[b"<head>"]));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let viewer = |source: &str| {
         let tcp = TcpStream::connect(addr).unwrap();
         let mut c = TlsClient::over(tcp.try_clone().unwrap(), pki.client_config());
@@ -498,18 +425,14 @@ fn proxy_header_then_tls() {
     };
     let (mut first, head) = viewer("192.0.2.7");
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
-    wait_until_within("the first client", WAIT, || {
-        sink.property::<u32>("num-handles") == 1
-    });
+    wait_clients(&sink, 1, "the first client");
     let (mut second, head) = viewer("192.0.2.7");
     assert!(head.starts_with("HTTP/1.0 429 "), "{head}");
     let (_, ending) = second.read_to_end(WAIT);
     assert_eq!(ending, Ending::CloseNotify);
     let (mut third, head) = viewer("192.0.2.8");
     assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head}");
-    wait_until_within("two clients", WAIT, || {
-        sink.property::<u32>("num-handles") == 2
-    });
+    wait_clients(&sink, 2, "two clients");
     h.push_bytes(&b16(1), false);
     let want = [&b"<head>"[..], &b16(1)].concat();
     assert_eq!(first.read_exact(want.len(), WAIT), want);
@@ -524,72 +447,42 @@ fn elements_sharing_a_port_agree_on_tls() {
     init();
     let pki = TestPki::new();
     let port = free_port().to_string();
+    let (cert, key) = (pki.cert.to_str().unwrap(), pki.key.to_str().unwrap());
     let element = |mount: &str, tls: bool| {
-        let sink = gst::ElementFactory::make("rstcpserversink")
-            .build()
-            .unwrap();
-        for (k, v) in [
+        let mut props = vec![
             ("http", "true"),
             ("host", "127.0.0.1"),
             ("port", port.as_str()),
             ("mount", mount),
-        ] {
-            sink.set_property_from_str(k, v);
-        }
+        ];
         if tls {
-            sink.set_property("tls-certificate", pki.cert.to_str().unwrap());
-            sink.set_property("tls-key", pki.key.to_str().unwrap());
+            props.extend([("tls-certificate", cert), ("tls-key", key)]);
         }
-        let pipeline = gst::Pipeline::new();
-        pipeline.add(&sink).unwrap();
-        (pipeline, sink)
+        new_tcp_server_sink(&props)
     };
-    let (first, _) = element("/a", true);
+    let first = element("/a", true);
     first.set_state(gst::State::Ready).unwrap();
-    let (plain, _) = element("/b", false);
-    assert!(plain.set_state(gst::State::Ready).is_err());
-    let msg = plain
-        .bus()
-        .unwrap()
-        .pop_filtered(&[gst::MessageType::Error])
-        .unwrap();
-    let gst::MessageView::Error(e) = msg.view() else {
-        unreachable!()
-    };
+    let plain = element("/b", false);
+    let (error, _) = fails_to_start(&plain, "no TLS files on a TLS port");
     assert!(
-        e.error()
-            .to_string()
-            .contains("tls-certificate is unset here but"),
-        "{}",
-        e.error()
+        error.contains("tls-certificate is unset here but"),
+        "{error}"
     );
-    plain.set_state(gst::State::Null).unwrap();
 
-    let mut h = harness(
-        "rstcpserversink",
+    let mut h = tls_harness(
+        &pki,
         &[
             ("http", "true"),
             ("host", "127.0.0.1"),
             ("port", port.as_str()),
             ("mount", "/c"),
-            ("tls-certificate", pki.cert.to_str().unwrap()),
-            ("tls-key", pki.key.to_str().unwrap()),
         ],
     );
     h.set_src_caps(streamheader_caps(&[b"<c>"]));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().unwrap()));
-    let mut c = TlsClient::connect(addr, pki.client_config());
-    c.handshake(WAIT);
-    c.send(b"GET /c HTTP/1.0\r\n\r\n", WAIT);
-    let head = c.read_head(WAIT);
-    assert!(
-        head.starts_with(b"HTTP/1.0 200 OK\r\n"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    wait_until_within("the client", WAIT, || {
-        h.sink().property::<u32>("num-handles") == 1
-    });
+    let addr = SocketAddr::from(([127, 0, 0, 1], port.parse::<u16>().unwrap()));
+    let mut c = tls_get(addr, &pki.client_config(), "/c");
+    assert_ok_head(&mut c);
+    wait_clients(&h.sink(), 1, "the client");
     h.push_bytes(&b16(0), false);
     let want = [&b"<c>"[..], &b16(0)].concat();
     assert_eq!(c.read_exact(want.len(), WAIT), want);
@@ -602,21 +495,11 @@ fn elements_sharing_a_port_agree_on_tls() {
 #[test]
 fn raw_stream_over_tls() {
     let pki = TestPki::new();
-    let props = [
-        ("host", "127.0.0.1"),
-        ("port", "0"),
-        ("tls-certificate", pki.cert.to_str().unwrap()),
-        ("tls-key", pki.key.to_str().unwrap()),
-    ];
-    let mut h = harness("rstcpserversink", &props);
-    let sink = h.sink();
+    let (mut h, sink, addr) = tls_server(&pki, &[]);
     h.set_src_caps(streamheader_caps(&[b"<raw>"]));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
     let mut c = TlsClient::connect(addr, pki.client_config());
     c.handshake(WAIT);
-    wait_until_within("the client", WAIT, || {
-        sink.property::<u32>("num-handles") == 1
-    });
+    wait_clients(&sink, 1, "the client");
     let mut want = b"<raw>".to_vec();
     for i in 0..50 {
         h.push_bytes(&b16(i), false);
@@ -633,25 +516,12 @@ fn raw_stream_over_tls() {
 #[test]
 fn unfinished_handshake_closed_at_header_timeout() {
     let pki = TestPki::new();
-    let props = [
-        ("host", "127.0.0.1"),
-        ("port", "0"),
-        ("http", "true"),
-        ("header-timeout", "500000000"),
-        ("tls-certificate", pki.cert.to_str().unwrap()),
-        ("tls-key", pki.key.to_str().unwrap()),
-    ];
-    let mut h = harness("rstcpserversink", &props);
-    let sink = h.sink();
+    let (mut h, sink, addr) =
+        tls_server(&pki, &[("http", "true"), ("header-timeout", "500000000")]);
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], current_port(&sink)));
-    let mut playing = TlsClient::connect(addr, pki.client_config());
-    playing.handshake(WAIT);
-    playing.send(b"GET / HTTP/1.0\r\n\r\n", WAIT);
+    let mut playing = tls_get(addr, &pki.client_config(), "/");
     playing.read_head(WAIT);
-    wait_until_within("the playing client", WAIT, || {
-        sink.property::<u32>("num-handles") == 1
-    });
+    wait_clients(&sink, 1, "the playing client");
 
     let mut half = client_hello(pki.client_config());
     half.truncate(half.len() / 2);
@@ -687,15 +557,8 @@ fn unfinished_handshake_closed_at_header_timeout() {
 #[test]
 fn readme_internet_recipe_works() {
     init();
-    let readme = include_str!("../README.md");
-    let start = readme
-        .find("<!-- internet-recipe -->")
-        .expect("internet-recipe marker");
-    let end = readme
-        .find("<!-- /internet-recipe -->")
-        .expect("internet-recipe end marker");
     let port = free_port();
-    let block = readme[start..end].replace("8443", &port.to_string());
+    let block = readme_block("internet-recipe").replace("8443", &port.to_string());
     let lines: Vec<&str> = block
         .lines()
         .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with("```"))
@@ -726,13 +589,7 @@ fn readme_internet_recipe_works() {
         "set -e\n{openssl}\n{b64}\n{claims}\n{token}\nprintf %s \"$TOKEN\" > token"
     ));
     assert_eq!(code, Some(0), "{out:?}");
-    let plugins = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
+    let plugins = common::process::target_dir();
     let _server = KillGroupOnDrop({
         use std::os::unix::process::CommandExt;
         Command::new("sh")

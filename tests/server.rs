@@ -186,33 +186,50 @@ fn push_and_check(h: &mut Harness, playing: &TcpStream, i: u32) {
     );
 }
 
-/// Waits for the sink's caps (with a streamheader if asked).
-fn wait_caps(sink: &gst::Element, with_streamheader: bool) -> gst::Caps {
-    let pad = sink.static_pad("sink").unwrap();
-    let mut caps = None;
-    wait_until("caps on the sink", || {
-        caps = pad
-            .current_caps()
-            .filter(|c| !with_streamheader || c.structure(0).unwrap().has_field("streamheader"));
-        caps.is_some()
-    });
-    caps.unwrap()
+/// `client` gets the stream: with `http` its response head (`HTTP/1.0 200 OK`,
+/// `content_type`: [`assert_stream_head`]), then exactly `body`.
+fn assert_gets_stream(client: &TcpStream, http: bool, content_type: &str, body: &[u8]) {
+    let rest = if http {
+        let (head, rest) = read_head(client);
+        assert_stream_head(&head, content_type);
+        rest
+    } else {
+        Vec::new()
+    };
+    assert_eq!(read_more(client, rest, body.len()), body, "http={http}");
 }
 
-/// The caps' streamheader buffers, concatenated.
-fn streamheader_bytes(caps: &gst::Caps) -> Vec<u8> {
-    let array = caps
-        .structure(0)
-        .unwrap()
-        .get::<gst::Array>("streamheader")
-        .unwrap();
-    let mut out = Vec::new();
-    for v in array.iter() {
-        let b = v.get::<gst::Buffer>().unwrap();
-        out.extend_from_slice(&b.map_readable().unwrap());
-    }
-    assert!(!out.is_empty());
-    out
+/// The client that plays beside the ones a test throws at the sink: connects to
+/// `port` (sending `GET /` if `http`), waits until it is the sink's only client,
+/// pushes `b16(0)` and checks that it gets the response head (if `http`), the
+/// streamheader `<h>` (the test set `streamheader_caps(&[b"<h>"])`) and that
+/// buffer, exactly.
+fn playing_client(h: &mut Harness, port: u16, http: bool) -> TcpStream {
+    let playing = if http { get(port, "/") } else { connect(port) };
+    wait_handles(&h.sink(), 1);
+    h.push_bytes(&b16(0), false);
+    let want = [&b"<h>"[..], &b16(0)].concat();
+    assert_gets_stream(&playing, http, "application/octet-stream", &want);
+    playing
+}
+
+/// The live WebM stream of [`WEBM_SERVER`] playing: the pipeline, its sink and
+/// port, once the caps with the streamheader are there.
+fn webm_server() -> (Running, gst::Element, u16) {
+    let server = Running::launch(WEBM_SERVER);
+    let sink = server.get("sink");
+    let port = current_port(&sink);
+    wait_caps(&sink, true);
+    (server, sink, port)
+}
+
+/// The `fakesink name=out` of a client pipeline got 160x120 raw video.
+fn assert_decoded_160x120(out: &gst::Element) {
+    let caps = out.static_pad("sink").unwrap().current_caps().unwrap();
+    let s = caps.structure(0).unwrap();
+    assert_eq!(s.name(), "video/x-raw");
+    assert_eq!(s.get::<i32>("width").unwrap(), 160);
+    assert_eq!(s.get::<i32>("height").unwrap(), 120);
 }
 
 fn count_buffers(pad: &gst::Pad) -> Arc<AtomicUsize> {
@@ -291,11 +308,7 @@ fn raw_tcp_theora_ogg_plays_in_tcpclientsrc() {
     let out = client.get("out");
     let frames = count_handoffs(&out);
     wait_until("20 decoded frames", || frames.load(Ordering::SeqCst) >= 20);
-    let caps = out.static_pad("sink").unwrap().current_caps().unwrap();
-    let s = caps.structure(0).unwrap();
-    assert_eq!(s.name(), "video/x-raw");
-    assert_eq!(s.get::<i32>("width").unwrap(), 160);
-    assert_eq!(s.get::<i32>("height").unwrap(), 120);
+    assert_decoded_160x120(&out);
     client.assert_no_error();
     server.assert_no_error();
     assert_eq!(handles(&sink), 1);
@@ -306,14 +319,7 @@ fn raw_tcp_theora_ogg_plays_in_tcpclientsrc() {
 // ---------------------------------------------------------------------------
 
 fn webm_caps(headers: &[&[u8]]) -> gst::Caps {
-    let array = gst::Array::new(
-        headers
-            .iter()
-            .map(|h| buffer(h, false, true).to_send_value()),
-    );
-    gst::Caps::builder("video/webm")
-        .field("streamheader", array)
-        .build()
+    streamheader_caps_of("video/webm", headers)
 }
 
 /// GET: the status line, the type from the caps, no-cache, then the streamheader
@@ -330,9 +336,7 @@ fn http_get_gets_head_streamheader_then_data() {
         h.push_bytes(&b16(i), i % 3 != 0);
         body_want.extend(b16(i));
     }
-    let (head, rest) = read_head(&client);
-    assert_stream_head(&head, "video/webm");
-    assert_eq!(read_more(&client, rest, body_want.len()), body_want);
+    assert_gets_stream(&client, true, "video/webm", &body_want);
     // The head is the server's, not the stream's: not counted as served.
     h.wait_u64("bytes-served", body_want.len() as u64);
     assert_nothing_readable(&client);
@@ -402,11 +406,8 @@ fn http_mount_serves_only_its_path() {
     let client = get(port, "/live?token=1");
     wait_handles(&h.sink(), 1);
     h.push_bytes(&b16(0), false);
-    let (head, rest) = read_head(&client);
-    assert_stream_head(&head, "video/webm");
-    let mut want = b"<ebml>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_more(&client, rest, want.len()), want);
+    let want = [&b"<ebml>"[..], &b16(0)].concat();
+    assert_gets_stream(&client, true, "video/webm", &want);
     // Refusals do not touch the client that plays.
     assert_refused(&get(port, "/nope"), "HTTP/1.0 404 Not Found");
     push_and_check(&mut h, &client, 1);
@@ -418,14 +419,7 @@ fn http_mount_serves_only_its_path() {
 fn http_max_clients_refuses_with_503() {
     let (mut h, port) = server(&[("http", "true"), ("max-clients", "1")]);
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let first = get(port, "/");
-    wait_handles(&h.sink(), 1);
-    h.push_bytes(&b16(0), false);
-    let (head, rest) = read_head(&first);
-    assert_stream_head(&head, "application/octet-stream");
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_more(&first, rest, want.len()), want);
+    let first = playing_client(&mut h, port, true);
 
     for _ in 0..3 {
         assert_refused(&get(port, "/"), "HTTP/1.0 503 Service Unavailable");
@@ -440,11 +434,8 @@ fn http_max_clients_refuses_with_503() {
     let second = get(port, "/");
     wait_handles(&h.sink(), 1);
     h.push_bytes(&b16(3), true);
-    let (head, rest) = read_head(&second);
-    assert_stream_head(&head, "application/octet-stream");
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(3));
-    assert_eq!(read_more(&second, rest, want.len()), want);
+    let want = [&b"<h>"[..], &b16(3)].concat();
+    assert_gets_stream(&second, true, "application/octet-stream", &want);
     wait_no_close_wait(port);
     h.stop();
 }
@@ -487,14 +478,7 @@ fn http_bad_requests_refused_while_a_client_plays() {
     ]);
     assert_eq!(h.sink().property::<u64>("header-timeout"), 300_000_000);
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let playing = get(port, "/");
-    wait_handles(&h.sink(), 1);
-    h.push_bytes(&b16(0), false);
-    let (head, rest) = read_head(&playing);
-    assert_stream_head(&head, "application/octet-stream");
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_more(&playing, rest, want.len()), want);
+    let playing = playing_client(&mut h, port, true);
     let mut i = 1;
 
     let bad: [&[u8]; 6] = [
@@ -651,10 +635,7 @@ fn http_content_type_from_real_muxers() {
 /// `souphttpsrc ! decodebin` plays the README's kind of stream.
 #[test]
 fn souphttpsrc_decodebin_plays_webm() {
-    let server = Running::launch(WEBM_SERVER);
-    let sink = server.get("sink");
-    let port = current_port(&sink);
-    wait_caps(&sink, true);
+    let (server, _sink, port) = webm_server();
     let client = Running::launch(&format!(
         "souphttpsrc location=http://127.0.0.1:{port}/ is-live=true ! decodebin ! \
          fakesink name=out sync=false signal-handoffs=true"
@@ -665,21 +646,15 @@ fn souphttpsrc_decodebin_plays_webm() {
         client.assert_no_error();
         frames.load(Ordering::SeqCst) >= 30
     });
-    let caps = out.static_pad("sink").unwrap().current_caps().unwrap();
-    let s = caps.structure(0).unwrap();
-    assert_eq!(s.name(), "video/x-raw");
-    assert_eq!(s.get::<i32>("width").unwrap(), 160);
-    assert_eq!(s.get::<i32>("height").unwrap(), 120);
+    assert_decoded_160x120(&out);
     server.assert_no_error();
 }
 
 /// `curl` gets the right headers, for GET (a stream it gives up on) and HEAD.
 #[test]
 fn curl_gets_correct_headers() {
-    let server = Running::launch(WEBM_SERVER);
-    let sink = server.get("sink");
-    let port = current_port(&sink);
-    let sh_len = streamheader_bytes(&wait_caps(&sink, true)).len();
+    let (server, sink, port) = webm_server();
+    let sh_len = wait_streamheader(&sink).len();
     let url = format!("http://127.0.0.1:{port}/");
     let curl = |args: &[&str]| {
         Command::new("curl")
@@ -722,67 +697,17 @@ fn curl_gets_correct_headers() {
 /// passes 1 s and advances by more than 1 s.
 #[test]
 fn chromium_plays_webm_in_video_element() {
-    let server = Running::launch(WEBM_SERVER);
-    let sink = server.get("sink");
-    let port = current_port(&sink);
-    wait_caps(&sink, true);
-    let html = format!(
-        r#"<!doctype html>
-<html><head><title>LOADING</title></head><body>
-<video id="v" src="http://127.0.0.1:{port}/" autoplay muted></video>
-<script>
-const v = document.getElementById('v');
-let start = null, done = false;
-function report(what) {{ fetch('/report?' + what).catch(() => {{}}); }}
-v.addEventListener('error', () => report('error=' + encodeURIComponent(
-  v.error ? v.error.code + ' ' + v.error.message : 'unknown')));
-v.addEventListener('playing', () => {{
-  if (start === null) start = v.currentTime;
-  report('playing=' + v.currentTime);
-}});
-function check() {{
-  if (!done && start !== null && v.currentTime > 1.0 && v.currentTime - start > 1.0) {{
-    done = true;
-    document.title = 'PLAYING ' + v.currentTime;
-    report('played=' + v.currentTime + '&start=' + start + '&title=' + encodeURIComponent(document.title));
-  }}
-}}
-v.addEventListener('timeupdate', check);
-setInterval(check, 100);
-</script></body></html>"#
+    let (server, sink, port) = webm_server();
+    let played = browser::play_video(&format!("http://127.0.0.1:{port}/"), &[], || {
+        format!("num-handles {}", handles(&sink))
+    });
+    assert!(played.current > 1.0, "{}", played.report);
+    assert!(played.current - played.start > 1.0, "{}", played.report);
+    assert!(
+        played.report.contains("&title=PLAYING%20"),
+        "{}",
+        played.report
     );
-    let page = browser::serve_page(html);
-    let _browser = browser::Browser::open(
-        &page.origin(),
-        &["--mute-audio", "--autoplay-policy=no-user-gesture-required"],
-    );
-
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let mut seen = Vec::new();
-    let played = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match page.reports.recv_timeout(left) {
-            Ok(r) if r.starts_with("played=") => break r,
-            Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
-            Ok(r) => seen.push(r),
-            Err(_) => panic!(
-                "Chromium did not play 1 s of the stream in time; reports: {seen:?}, \
-                 num-handles {}",
-                handles(&sink)
-            ),
-        }
-    };
-    let field = |name: &str| -> f64 {
-        played
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {played}"))
-    };
-    let (current, start) = (field("played"), field("start"));
-    assert!(current > 1.0, "{played}");
-    assert!(current - start > 1.0, "{played}");
-    assert!(played.contains("&title=PLAYING%20"), "{played}");
     server.assert_no_error();
 }
 
@@ -819,12 +744,7 @@ fn raw_connection_flood(io_threads: &str) {
     let (mut h, port) = server(&[("io-threads", io_threads)]);
     let rec = Recorder::attach(&h.sink());
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let playing = connect(port);
-    wait_handles(&h.sink(), 1);
-    h.push_bytes(&b16(0), false);
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_exact(&playing, want.len()), want);
+    let playing = playing_client(&mut h, port, false);
     let mut i = 1;
     for _ in 0..10 {
         for _ in 0..20 {
@@ -849,14 +769,7 @@ fn raw_connection_flood(io_threads: &str) {
 fn http_connection_flood_does_not_disturb_a_playing_client() {
     let (mut h, port) = server(&[("http", "true")]);
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let playing = get(port, "/");
-    wait_handles(&h.sink(), 1);
-    h.push_bytes(&b16(0), false);
-    let (head, rest) = read_head(&playing);
-    assert_stream_head(&head, "application/octet-stream");
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_more(&playing, rest, want.len()), want);
+    let playing = playing_client(&mut h, port, true);
     let mut i = 1;
     for round in 0..10 {
         for k in 0..20 {
@@ -889,14 +802,7 @@ fn http_connection_flood_does_not_disturb_a_playing_client() {
 fn half_open_connections_do_not_disturb_a_playing_client() {
     let (mut h, port) = server(&[("http", "true")]);
     h.set_src_caps(streamheader_caps(&[b"<h>"]));
-    let playing = get(port, "/");
-    wait_handles(&h.sink(), 1);
-    h.push_bytes(&b16(0), false);
-    let (head, rest) = read_head(&playing);
-    assert_stream_head(&head, "application/octet-stream");
-    let mut want = b"<h>".to_vec();
-    want.extend(b16(0));
-    assert_eq!(read_more(&playing, rest, want.len()), want);
+    let playing = playing_client(&mut h, port, true);
     let mut half_open = Vec::new();
     let mut i = 1;
     for k in 0..60 {
@@ -936,19 +842,7 @@ fn reset_connections_do_not_disturb_a_playing_client() {
     for http in [false, true] {
         let (mut h, port) = server(&[("http", if http { "true" } else { "false" })]);
         h.set_src_caps(streamheader_caps(&[b"<h>"]));
-        let playing = if http { get(port, "/") } else { connect(port) };
-        wait_handles(&h.sink(), 1);
-        h.push_bytes(&b16(0), false);
-        let rest = if http {
-            let (head, rest) = read_head(&playing);
-            assert_stream_head(&head, "application/octet-stream");
-            rest
-        } else {
-            Vec::new()
-        };
-        let mut want = b"<h>".to_vec();
-        want.extend(b16(0));
-        assert_eq!(read_more(&playing, rest, want.len()), want);
+        let playing = playing_client(&mut h, port, http);
         let mut i = 1;
         // At once, many times.
         for _ in 0..50 {
@@ -1139,17 +1033,8 @@ fn ipv6_loopback_raw_and_http() {
         wait_handles(&h.sink(), 1);
         h.push_bytes(&b16(0), false);
         h.push_bytes(&b16(1), true);
-        let rest = if http {
-            let (head, rest) = read_head(&client);
-            assert_stream_head(&head, "video/webm");
-            rest
-        } else {
-            Vec::new()
-        };
-        let mut want = b"<ebml>".to_vec();
-        want.extend(b16(0));
-        want.extend(b16(1));
-        assert_eq!(read_more(&client, rest, want.len()), want, "http={http}");
+        let want = [&b"<ebml>"[..], &b16(0), &b16(1)].concat();
+        assert_gets_stream(&client, http, "video/webm", &want);
         h.stop();
         assert!(read_to_eof(&client).is_empty());
     }
@@ -1178,8 +1063,7 @@ fn late_client_on_long_gop(
     let sink = running.get("sink");
     assert_eq!(sink.property::<bool>("request-keyframe"), request_keyframe);
     let port = current_port(&sink);
-    let caps = wait_caps(&sink, true);
-    let sh = streamheader_bytes(&caps);
+    let sh = wait_streamheader(&sink);
     // Late: some 30 buffers (15+ frames) after the stream's only keyframe so far.
     let buffers = count_buffers(&sink.static_pad("sink").unwrap());
     wait_until("30 buffers into the stream", || {

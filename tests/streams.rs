@@ -73,23 +73,12 @@ fn flumotion_style_streamer_over_tcp() {
         open.lock()
             .unwrap()
             .insert(fd, unsafe { OwnedFd::from_raw_fd(fd) });
-        let sync = gst::glib::EnumValue::from_value(&h.sink().property_value("sync-method"))
-            .unwrap()
-            .0;
-        let burst_sync = gst::glib::EnumClass::with_type(sync.type_())
-            .unwrap()
-            .to_value_by_nick("burst")
-            .unwrap();
-        h.sink().emit_by_name_with_values(
-            "add-full",
-            &[
-                fd.to_value(),
-                burst_sync,
-                gst::Format::Buffers.to_value(),
-                3u64.to_value(),
-                gst::Format::Undefined.to_value(),
-                u64::MAX.to_value(),
-            ],
+        add_full(
+            &h.sink(),
+            fd,
+            "burst",
+            (gst::Format::Buffers, 3),
+            (gst::Format::Undefined, u64::MAX),
         );
         viewers.push(viewer);
         fds.push(fd);

@@ -71,6 +71,22 @@ impl Setup {
         (client, plain)
     }
 
+    /// As [`Self::established`], with 64 KiB socket buffers (the client's receive
+    /// buffer, the server's send buffer), so what is in flight between them is
+    /// bounded by those, not by TCP's autotuning.
+    fn established_small_buffers(&self) -> (TlsClient, UnixStream) {
+        let tcp = connect_small_rcvbuf(self.addr);
+        let mut client = TlsClient::over(tcp, self.pki.client_config());
+        let (server_tcp, _) = self.listener.accept().unwrap();
+        setsockopt(&server_tcp, sockopt::SndBuf, &65536).unwrap();
+        let plain = self
+            .term
+            .wrap(server_tcp, Vec::new(), Instant::now() + DEADLINE)
+            .unwrap();
+        client.handshake(DEADLINE);
+        (client, plain)
+    }
+
     fn counts(&self) -> TlsCounts {
         self.term.counts()
     }
@@ -340,34 +356,16 @@ fn client_close_reaches_the_server_end_as_eof() {
 /// Connects with a small receive buffer, so what is in flight is bounded by our
 /// buffers, not by TCP's autotuning (up to 32 MiB here).
 fn connect_small_rcvbuf(addr: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, connect, socket};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::RcvBuf, &65536).unwrap();
-    let SocketAddr::V4(v4) = addr else {
-        unreachable!()
-    };
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).unwrap();
-    TcpStream::from(fd)
+    common::http::connect_prepared(addr, |fd| {
+        setsockopt(fd, sockopt::RcvBuf, &65536).unwrap();
+    })
+    .unwrap()
 }
 
 #[test]
 fn slow_reader_back_pressure_reaches_the_server_end() {
     let s = setup();
-    let tcp = connect_small_rcvbuf(s.addr);
-    let mut client = TlsClient::over(tcp, s.pki.client_config());
-    let (server_tcp, _) = s.listener.accept().unwrap();
-    setsockopt(&server_tcp, sockopt::SndBuf, &65536).unwrap();
-    let plain = s
-        .term
-        .wrap(server_tcp, Vec::new(), Instant::now() + DEADLINE)
-        .unwrap();
-    client.handshake(DEADLINE);
+    let (mut client, plain) = s.established_small_buffers();
 
     // The server end writes as fast as it can; the client reads nothing yet. The
     // writer must find its end full after a bounded amount: the socketpair, rustls'
@@ -651,15 +649,7 @@ fn a_stalled_tls_viewer_is_a_slow_client_to_the_engine() {
     h.set_src_caps_str(common::CHECK_CAPS);
 
     let (mut reader, reader_plain) = s.established();
-    let stalled_tcp = connect_small_rcvbuf(s.addr);
-    let mut stalled = TlsClient::over(stalled_tcp, s.pki.client_config());
-    let (server_tcp, _) = s.listener.accept().unwrap();
-    setsockopt(&server_tcp, sockopt::SndBuf, &65536).unwrap();
-    let stalled_plain = s
-        .term
-        .wrap(server_tcp, Vec::new(), Instant::now() + DEADLINE)
-        .unwrap();
-    stalled.handshake(DEADLINE);
+    let (stalled, stalled_plain) = s.established_small_buffers();
     s.wait_counts(counts(0, 2, 2));
     h.add_fd(reader_plain.as_raw_fd());
     h.add_fd(stalled_plain.as_raw_fd());

@@ -204,3 +204,88 @@ impl Drop for Browser {
         let _ = std::fs::remove_dir_all(&self.profile);
     }
 }
+
+/// A page whose `<video>` plays `src` (muted, autoplay) and reports to the page
+/// server: `playing=T` when it starts, `error=CODE MESSAGE` if it fails, and once
+/// its time has passed 1 s and advanced by more than 1 s since it started,
+/// `played=T&start=S&title=PLAYING%20T` (the title it set then).
+pub fn video_page(src: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<html><head><title>LOADING</title></head><body>
+<video id="v" src="{src}" autoplay muted></video>
+<script>
+const v = document.getElementById('v');
+let start = null, done = false;
+function report(what) {{ fetch('/report?' + what).catch(() => {{}}); }}
+v.addEventListener('error', () => report('error=' + encodeURIComponent(
+  v.error ? v.error.code + ' ' + v.error.message : 'unknown')));
+v.addEventListener('playing', () => {{
+  if (start === null) start = v.currentTime;
+  report('playing=' + v.currentTime);
+}});
+function check() {{
+  if (!done && start !== null && v.currentTime > 1.0 && v.currentTime - start > 1.0) {{
+    done = true;
+    document.title = 'PLAYING ' + v.currentTime;
+    report('played=' + v.currentTime + '&start=' + start + '&title=' + encodeURIComponent(document.title));
+  }}
+}}
+v.addEventListener('timeupdate', check);
+setInterval(check, 100);
+</script></body></html>"#
+    )
+}
+
+/// The `played=` report of a [`video_page`].
+pub struct Played {
+    /// The report as it came (still percent-encoded).
+    pub report: String,
+    /// The video's time when it reported.
+    pub current: f64,
+    /// Its time when it started playing.
+    pub start: f64,
+}
+
+/// Headless Chromium (muted, autoplay allowed, and `extra` flags) opens a
+/// [`video_page`] playing `src`; waits up to 40 s for its `played=` report. Fails
+/// the test on an `error=` report, or at the deadline with the reports so far and
+/// `context()` (what the server saw).
+pub fn play_video(src: &str, extra: &[&str], context: impl Fn() -> String) -> Played {
+    let page = serve_page(video_page(src));
+    let flags: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--mute-audio", "--autoplay-policy=no-user-gesture-required"])
+        .collect();
+    let _browser = Browser::open(&format!("{}/", page.origin()), &flags);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut seen = Vec::new();
+    let report = loop {
+        match page
+            .reports
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(r) if r.starts_with("played=") => break r,
+            Ok(r) if r.starts_with("error=") => panic!("the video element failed: {r}"),
+            Ok(r) => seen.push(r),
+            Err(_) => panic!(
+                "Chromium did not play 1 s of {src} in time; reports: {seen:?}; {}",
+                context()
+            ),
+        }
+    };
+    let field = |name: &str| -> f64 {
+        report
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+    };
+    let (current, start) = (field("played"), field("start"));
+    Played {
+        report,
+        current,
+        start,
+    }
+}

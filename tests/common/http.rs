@@ -3,12 +3,45 @@
 //! client count.
 
 use std::io::{ErrorKind, Read};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 
-use super::{DEADLINE, wait_until};
+use super::{DEADLINE, init, wait_until};
+
+/// An `rstcpserversink` with `props` set (from strings, in order), in NULL.
+pub fn new_tcp_server_sink(props: &[(&str, &str)]) -> gst::Element {
+    init();
+    let sink = gst::ElementFactory::make("rstcpserversink")
+        .build()
+        .unwrap();
+    for (k, v) in props {
+        sink.set_property_from_str(k, v);
+    }
+    sink
+}
+
+/// Setting `sink` to READY must fail (the test fails naming `what` if it does
+/// not); back in NULL, the error message it posted: the error's text and its
+/// debug text.
+pub fn fails_to_start(sink: &gst::Element, what: &str) -> (String, Option<String>) {
+    let bus = gst::Bus::new();
+    sink.set_bus(Some(&bus));
+    assert!(
+        sink.set_state(gst::State::Ready).is_err(),
+        "READY with {what}"
+    );
+    let _ = sink.set_state(gst::State::Null);
+    let msg = bus
+        .pop_filtered(&[gst::MessageType::Error])
+        .expect("an error message");
+    let gst::MessageView::Error(e) = msg.view() else {
+        unreachable!()
+    };
+    (e.error().to_string(), e.debug().map(|d| d.to_string()))
+}
 
 /// `num-handles` of the sink.
 pub fn handles(sink: &gst::Element) -> u32 {
@@ -23,6 +56,21 @@ pub fn wait_handles(sink: &gst::Element, n: u32) {
 /// A TCP connection to 127.0.0.1:`port`.
 pub fn connect(port: u16) -> TcpStream {
     TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+/// A TCP connection to `to` on a socket that `prepare` sets up before it connects
+/// (binds it to a source address, sets a buffer size); the connect's error, if any.
+pub fn connect_prepared(to: SocketAddr, prepare: impl FnOnce(&OwnedFd)) -> nix::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, connect, socket};
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    prepare(&fd);
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to))?;
+    Ok(TcpStream::from(fd))
 }
 
 /// Where `needle` first starts in `hay`.

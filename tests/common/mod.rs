@@ -110,14 +110,20 @@ pub fn buffer(data: &[u8], delta: bool, header: bool) -> gst::Buffer {
     b
 }
 
-/// Caps with a streamheader of the given buffers.
+/// Caps of the check suite's type with a streamheader of the given buffers.
 pub fn streamheader_caps(headers: &[&[u8]]) -> gst::Caps {
+    streamheader_caps_of(CHECK_CAPS, headers)
+}
+
+/// Caps of `media_type` with a streamheader of the given buffers (flagged HEADER),
+/// as a muxer or `gdppay` sets them.
+pub fn streamheader_caps_of(media_type: &str, headers: &[&[u8]]) -> gst::Caps {
     let array = gst::Array::new(
         headers
             .iter()
             .map(|h| buffer(h, false, true).to_send_value()),
     );
-    gst::Caps::builder(CHECK_CAPS)
+    gst::Caps::builder(media_type)
         .field("streamheader", array)
         .build()
 }
@@ -283,6 +289,37 @@ pub fn status_nick(v: &gst::glib::Value) -> String {
 
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
+}
+
+/// The value of the sink's `sync-method` enum whose nick is `nick`.
+pub fn sync_method(sink: &gst::Element, nick: &str) -> gst::glib::Value {
+    let pspec = sink.find_property("sync-method").unwrap();
+    gst::glib::EnumClass::with_type(pspec.value_type())
+        .unwrap()
+        .to_value_by_nick(nick)
+        .unwrap_or_else(|| panic!("no sync-method {nick}"))
+}
+
+/// Emits `add-full` as an application does: `fd` joins with the sync method
+/// `sync` (a nick) and the burst limits `min` and `max` (format, value).
+pub fn add_full(
+    sink: &gst::Element,
+    fd: RawFd,
+    sync: &str,
+    (min_format, min): (gst::Format, u64),
+    (max_format, max): (gst::Format, u64),
+) {
+    sink.emit_by_name_with_values(
+        "add-full",
+        &[
+            fd.to_value(),
+            sync_method(sink, sync),
+            min_format.to_value(),
+            min.to_value(),
+            max_format.to_value(),
+            max.to_value(),
+        ],
+    );
 }
 
 /// What decoding a capture gave.
@@ -454,6 +491,18 @@ impl DecodedFromStart {
                 .first_frame_flags
                 .is_some_and(|f| !f.contains(gst::BufferFlags::DELTA_UNIT))
     }
+
+    /// Fails the test unless [`Self::starts_on_keyframe`], naming `whose` capture
+    /// it was and what the decoding gave (frames, first frame's flags, error).
+    pub fn assert_starts_on_keyframe(&self, whose: &str) {
+        assert!(
+            self.starts_on_keyframe(),
+            "{whose}: {} frames, first frame flags {:?}, error {:?}",
+            self.decoded.frames,
+            self.first_frame_flags,
+            self.decoded.error
+        );
+    }
 }
 
 /// Decodes a capture with `filesrc ! {demuxer} ! {decoder} name=dec ! fakesink`
@@ -537,14 +586,22 @@ pub fn http_get_on(
     }
 }
 
+/// The README's text between `<!-- {name} -->` and `<!-- /{name} -->` (the opening
+/// marker included): a block of commands or a page that a test runs as it stands.
+pub fn readme_block(name: &str) -> &'static str {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find(&format!("<!-- {name} -->"))
+        .unwrap_or_else(|| panic!("README marker <!-- {name} -->"));
+    let end = readme
+        .find(&format!("<!-- /{name} -->"))
+        .unwrap_or_else(|| panic!("README end marker <!-- /{name} -->"));
+    &readme[start..end]
+}
+
 /// The README's recipe lines (its `recipes` block), without `gst-launch-1.0 `.
 pub fn readme_recipes() -> Vec<String> {
-    let readme = include_str!("../../README.md");
-    let start = readme.find("<!-- recipes -->").expect("recipes marker");
-    let end = readme
-        .find("<!-- /recipes -->")
-        .expect("recipes end marker");
-    readme[start..end]
+    readme_block("recipes")
         .lines()
         .filter_map(|l| l.strip_prefix("gst-launch-1.0 "))
         .map(str::to_string)
@@ -575,6 +632,44 @@ pub fn assert_no_error(pipeline: &gst::Pipeline, what: &str) {
     {
         panic!("{what}: {msg:?}");
     }
+}
+
+/// How long a live pipeline may take to set its sink's caps (an encoder's first
+/// output on a loaded machine).
+pub const CAPS_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits (up to [`CAPS_DEADLINE`]) for the caps on the sink's pad, with a
+/// `streamheader` field if `with_streamheader`.
+pub fn wait_caps(sink: &gst::Element, with_streamheader: bool) -> gst::Caps {
+    let pad = sink.static_pad("sink").unwrap();
+    let mut caps = None;
+    wait_until_within("caps on the sink", CAPS_DEADLINE, || {
+        caps = pad
+            .current_caps()
+            .filter(|c| !with_streamheader || c.structure(0).unwrap().has_field("streamheader"));
+        caps.is_some()
+    });
+    caps.unwrap()
+}
+
+/// The caps' streamheader buffers, concatenated; fails if there are none.
+pub fn streamheader_bytes(caps: &gst::Caps) -> Vec<u8> {
+    let array = caps
+        .structure(0)
+        .unwrap()
+        .get::<gst::Array>("streamheader")
+        .unwrap();
+    let mut out = Vec::new();
+    for v in array.iter() {
+        out.extend_from_slice(&v.get::<gst::Buffer>().unwrap().map_readable().unwrap());
+    }
+    assert!(!out.is_empty(), "an empty streamheader");
+    out
+}
+
+/// The streamheader of the sink's caps, concatenated, once they have one.
+pub fn wait_streamheader(sink: &gst::Element) -> Vec<u8> {
+    streamheader_bytes(&wait_caps(sink, true))
 }
 
 /// `current-port` of an `rstcpserversink`, checked to be a bound port.

@@ -147,6 +147,19 @@ impl Net {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Fails the test unless traffic stays among the hosts: none has a route out
+    /// of 10.77.0.0/24.
+    pub fn assert_no_route_out(&self) {
+        for host in &self.hosts {
+            let routes = self.routes(host);
+            assert!(
+                routes.lines().all(|r| r.starts_with("10.77.0.0/24 ")),
+                "{}: {routes}",
+                host.name
+            );
+        }
+    }
+
     pub fn host(&self, name: &str) -> &Host {
         self.hosts
             .iter()

@@ -68,15 +68,7 @@ impl TestPki {
             key: dir.join("server.key"),
             dir,
         };
-        pki.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            "ca.key",
-        ]);
+        pki.new_key("ca.key", "EC");
         pki.openssl(&[
             "req",
             "-config",
@@ -131,27 +123,7 @@ impl TestPki {
         let key = format!("{name}.key");
         let csr = format!("{name}.csr");
         let pem = format!("{name}.pem");
-        if algorithm == "RSA" {
-            self.openssl(&[
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-                &key,
-            ]);
-        } else {
-            self.openssl(&[
-                "genpkey",
-                "-algorithm",
-                "EC",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-out",
-                &key,
-            ]);
-        }
+        self.new_key(&key, algorithm);
         self.openssl(&[
             "req",
             "-config",
@@ -187,6 +159,25 @@ impl TestPki {
         ]);
     }
 
+    /// A new private key (PKCS#8) in the file `out`: RSA 2048 for `"RSA"`, else EC
+    /// P-256.
+    fn new_key(&self, out: &str, algorithm: &str) {
+        let (algorithm, option) = if algorithm == "RSA" {
+            ("RSA", "rsa_keygen_bits:2048")
+        } else {
+            ("EC", "ec_paramgen_curve:P-256")
+        };
+        self.openssl(&[
+            "genpkey",
+            "-algorithm",
+            algorithm,
+            "-pkeyopt",
+            option,
+            "-out",
+            out,
+        ]);
+    }
+
     fn concat(&self, out: &str, parts: &[&str]) {
         let mut all = Vec::new();
         for p in parts {
@@ -197,15 +188,7 @@ impl TestPki {
 
     /// The server's key in SEC1 form ("EC PRIVATE KEY").
     pub fn sec1_key(&self) -> PathBuf {
-        self.openssl(&[
-            "pkey",
-            "-in",
-            "server.key",
-            "-traditional",
-            "-out",
-            "server-sec1.key",
-        ]);
-        self.path("server-sec1.key")
+        self.traditional("server.key", "server-sec1.key")
     }
 
     /// A second server certificate (chain) with an RSA key in PKCS#1 form ("RSA
@@ -213,28 +196,22 @@ impl TestPki {
     pub fn rsa_pkcs1(&self) -> (PathBuf, PathBuf) {
         self.signed("rsa", "/CN=localhost", "int", "leaf_ext", "RSA");
         self.concat("rsa-chain.pem", &["rsa.pem", "int.pem"]);
-        self.openssl(&[
-            "pkey",
-            "-in",
-            "rsa.key",
-            "-traditional",
-            "-out",
-            "rsa-pkcs1.key",
-        ]);
-        (self.path("rsa-chain.pem"), self.path("rsa-pkcs1.key"))
+        (
+            self.path("rsa-chain.pem"),
+            self.traditional("rsa.key", "rsa-pkcs1.key"),
+        )
+    }
+
+    /// The key in the file `key` rewritten in its algorithm's own ("traditional")
+    /// form, SEC1 for EC, PKCS#1 for RSA, to the file `out`; returns its path.
+    fn traditional(&self, key: &str, out: &str) -> PathBuf {
+        self.openssl(&["pkey", "-in", key, "-traditional", "-out", out]);
+        self.path(out)
     }
 
     /// A key that belongs to no certificate here.
     pub fn other_key(&self) -> PathBuf {
-        self.openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            "other.key",
-        ]);
+        self.new_key("other.key", "EC");
         self.path("other.key")
     }
 
