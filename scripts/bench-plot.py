@@ -238,7 +238,8 @@ def plot(rows, size, title, output):
     ncols = max(len(data[sz]) for sz in bands)
     width = max(PANEL_W * ncols, 1000)
     per_row = max(1, (width - 40) // 220)
-    legend_rows = math.ceil((len(elems) + 1) / per_row)
+    # The columns, then the overloaded marker's note on a row of its own (it is long).
+    legend_rows = math.ceil(len(elems) / per_row) + 1
     band_h = BAND_H + PANEL_H * len(METRICS)
     height = TITLE_H + band_h * len(bands) + LEGEND_ROW * legend_rows + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -266,6 +267,7 @@ def plot(rows, size, title, output):
         x = 20 + (i % per_row) * 220
         y = ly + (i // per_row) * LEGEND_ROW
         if elem is None:
+            x, y = 20, ly + (legend_rows - 1) * LEGEND_ROW
             out.append(f'<circle cx="{x + 10}" cy="{y}" r="4" fill="white" stroke="#333" stroke-width="1.5"/>')
             out.append(f'<text x="{x + 20}" y="{y + 4}" font-size="12">overloaded: a client kicked, '
                        f'&lt;99% delivered or producer behind schedule</text>')
