@@ -185,95 +185,76 @@ fn imp_of<T: RsMultiHandleSinkImpl>(obj: &RsMultiHandleSink) -> &T {
     unsafe { obj.unsafe_cast_ref::<T::Type>().imp() }
 }
 
+/// The base class's implementation behind any of its subclasses' instances, which
+/// `RsMultiHandleSinkExt`'s methods call into.
+fn base_imp<O: IsA<RsMultiHandleSink>>(obj: &O) -> &imp::RsMultiHandleSink {
+    obj.upcast_ref::<RsMultiHandleSink>().imp()
+}
+
 /// What a subclass (or an application holding the element) may call.
 pub trait RsMultiHandleSinkExt: IsA<RsMultiHandleSink> + 'static {
     /// Adds a client with `placement`, or the default placement (`None`). Refused
     /// with a warning in NULL or when the burst maximum is below its minimum.
     fn add_client(&self, fd: RawFd, placement: Option<ClientConfig>) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .add_client(fd, placement)
+        base_imp(self).add_client(fd, placement)
     }
 
     /// Adds a socket the subclass accepted itself, with the default placement.
     /// False (and no warning) when the element is not running: the caller still
     /// owns the fd then.
     fn add_accepted_client(&self, fd: RawFd) -> bool {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .add_accepted_client(fd)
+        base_imp(self).add_accepted_client(fd)
     }
 
     /// Clients now, not counting those being removed.
     fn client_count(&self) -> usize {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .engine()
-            .client_count()
+        base_imp(self).engine().client_count()
     }
 
     /// Whether new clients are to be refused (`overload-policy=refuse-clients`
     /// while the IO threads are overloaded).
     fn refusing_clients(&self) -> bool {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .engine()
-            .refusing_clients()
+        base_imp(self).engine().refusing_clients()
     }
 
     /// The element's figures (`bytes-served`, `buffers-queued`, ...).
     fn counters(&self) -> engine::Counters {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .engine()
-            .counters()
+        base_imp(self).engine().counters()
     }
 
     /// Removes a client now: `client_removed` and `client_fd_removed` have run when
     /// this returns. An unknown fd is a warning.
     fn remove_client(&self, fd: RawFd) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .remove_client(fd)
+        base_imp(self).remove_client(fd)
     }
 
     /// Sends what is already queued for the client, nothing newer, then removes it.
     fn remove_flush_client(&self, fd: RawFd) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .remove_flush_client(fd)
+        base_imp(self).remove_flush_client(fd)
     }
 
     /// The `multihandlesink-stats` structure of a client; empty for an unknown fd.
     fn client_stats(&self, fd: RawFd) -> gst::Structure {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .stats_structure(fd)
+        base_imp(self).stats_structure(fd)
     }
 
     /// Whether what clients send is read and discarded (`handle-read`).
     fn set_handle_read(&self, handle_read: bool) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .set_handle_read(handle_read)
+        base_imp(self).set_handle_read(handle_read)
     }
 
     fn handle_read(&self) -> bool {
-        self.upcast_ref::<RsMultiHandleSink>().imp().handle_read()
+        base_imp(self).handle_read()
     }
 
     /// Whether what clients send goes to `client_input` instead of being dropped.
     fn set_keep_client_input(&self, keep: bool) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .set_keep_client_input(keep)
+        base_imp(self).set_keep_client_input(keep)
     }
 
     /// Whether every buffer written whole to a client goes to `buffer_sent`.
     fn set_report_sent_buffers(&self, report: bool) {
-        self.upcast_ref::<RsMultiHandleSink>()
-            .imp()
-            .set_report_sent_buffers(report)
+        base_imp(self).set_report_sent_buffers(report)
     }
 
     /// The state the element is in or going to, whichever is higher: a property
