@@ -30,9 +30,9 @@ const DOCS: [(&str, &str); 2] = [
 
 const COMMAND: &str = "cargo bench --bench fanout --";
 
-/// The arguments of every fanout command in the documents' shell blocks (a line
-/// ending in `\` goes on on the next one; `#` starts a comment).
-fn documented_commands() -> Vec<(&'static str, Vec<String>)> {
+/// Every command of the documents' shell blocks, with its document: a line ending
+/// in `\` goes on on the next one; ` #` starts a comment.
+fn documented_shell_commands() -> Vec<(&'static str, String)> {
     let mut found = Vec::new();
     for (name, text) in DOCS {
         let mut in_block = false;
@@ -43,14 +43,13 @@ fn documented_commands() -> Vec<(&'static str, Vec<String>)> {
                 continue;
             }
             let line = line.split(" #").next().unwrap_or("").trim();
-            if !in_block || (command.is_empty() && !line.starts_with(COMMAND)) {
+            if !in_block || (command.is_empty() && line.is_empty()) {
                 continue;
             }
             command.push_str(line.trim_end_matches('\\'));
             command.push(' ');
             if !line.ends_with('\\') {
-                let args = command[COMMAND.len()..].split_whitespace();
-                found.push((name, args.map(String::from).collect()));
+                found.push((name, command.trim_end().to_string()));
                 command.clear();
             }
         }
@@ -58,25 +57,25 @@ fn documented_commands() -> Vec<(&'static str, Vec<String>)> {
     found
 }
 
+/// The arguments of every fanout command in the documents' shell blocks.
+fn documented_commands() -> Vec<(&'static str, Vec<String>)> {
+    documented_shell_commands()
+        .into_iter()
+        .filter_map(|(name, command)| {
+            let args = command.strip_prefix(COMMAND)?.split_whitespace();
+            Some((name, args.map(String::from).collect()))
+        })
+        .collect()
+}
+
 const PLOT: &str = "scripts/bench-plot.py ";
 
-/// Every scripts/bench-plot.py line of the documents' shell blocks, comment cut off.
+/// Every scripts/bench-plot.py command of the documents' shell blocks.
 fn documented_plot_commands() -> Vec<(&'static str, String)> {
-    let mut found = Vec::new();
-    for (name, text) in DOCS {
-        let mut in_block = false;
-        for line in text.lines() {
-            if line.starts_with("```") {
-                in_block = !in_block;
-                continue;
-            }
-            let line = line.split(" #").next().unwrap_or("").trim();
-            if in_block && line.starts_with(PLOT) {
-                found.push((name, line.to_string()));
-            }
-        }
-    }
-    found
+    documented_shell_commands()
+        .into_iter()
+        .filter(|(_, command)| command.starts_with(PLOT))
+        .collect()
 }
 
 /// Runs every documented plot command through `sh` from the source folder, as
