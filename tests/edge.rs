@@ -34,7 +34,7 @@ fn start_origin(pipeline: &str, port: u16) -> KillOnDrop {
             "the origin exited: {pipeline}"
         );
         assert!(
-            start.elapsed() < common::DEADLINE,
+            start.elapsed() < *common::DEADLINE,
             "the origin never listened"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -113,7 +113,7 @@ impl Edge {
 
     /// Waits (10 s at most) for a line that `pred` accepts; returns it.
     fn wait_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        self.wait_line_within(what, common::DEADLINE, pred)
+        self.wait_line_within(what, *common::DEADLINE, pred)
     }
 
     fn wait_line_within(
@@ -144,7 +144,7 @@ impl Edge {
 /// The status line of the edge's answer to a health check on `port`.
 fn health(port: u16) -> String {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    conn.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    conn.set_read_timeout(Some(*common::DEADLINE)).unwrap();
     conn.write_all(b"GET /health HTTP/1.0\r\n\r\n").unwrap();
     let mut answer = String::new();
     conn.read_to_string(&mut answer).unwrap();
@@ -170,10 +170,10 @@ impl Viewer {
         }
     }
 
-    /// A viewer that got `want` bytes of body within [`common::DEADLINE`].
+    /// A viewer that got `want` bytes of body within [`*common::DEADLINE`].
     fn playing(port: u16, want: usize) -> Viewer {
         let mut viewer = Viewer::connect(port);
-        assert!(viewer.read_more(want, common::DEADLINE));
+        assert!(viewer.read_more(want, *common::DEADLINE));
         viewer
     }
 

@@ -581,7 +581,7 @@ fn zero_copy_gives_the_same_bytes_as_writev() {
             let start = std::time::Instant::now();
             while !rec.events().contains(&Event::FdRemoved(raw(&p.1))) {
                 assert!(
-                    start.elapsed() < DEADLINE,
+                    start.elapsed() < *DEADLINE,
                     "flush of fd {} never ended",
                     raw(&p.1)
                 );

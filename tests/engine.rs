@@ -27,20 +27,14 @@ use nix::sys::socket::{setsockopt, sockopt};
 
 #[path = "common/engine_fds.rs"]
 mod engine_fds;
+#[path = "common/wait.rs"]
+mod wait;
 
 use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring, zero_copy};
 
-/// How long a wait for something that must happen may take before the test fails.
-/// The longest a test waits for what should happen: a safety bound, never a pace.
-/// scripts/valgrind multiplies it (`TEST_WAIT_SCALE`), as everything runs many times
-/// slower there.
-static WAIT: LazyLock<Duration> = LazyLock::new(|| {
-    let scale = std::env::var("TEST_WAIT_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    Duration::from_secs(10) * scale
-});
+/// How long a wait for something that must happen may take before the test fails:
+/// a safety bound, never a pace.
+static WAIT: LazyLock<Duration> = LazyLock::new(|| wait::scaled(Duration::from_secs(10)));
 
 // ---------------------------------------------------------------------------------
 // Data

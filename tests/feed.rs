@@ -233,7 +233,7 @@ fn feed_port_starts_clients_on_a_keyframe() {
         }
         assert_no_error(&origin, "origin");
         let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        conn.set_read_timeout(Some(common::DEADLINE)).unwrap();
+        conn.set_read_timeout(Some(*common::DEADLINE)).unwrap();
         let mut before_data = Vec::new();
         let first = loop {
             let p = read_packet(&mut conn);

@@ -552,7 +552,7 @@ fn haproxy_send_proxy_v2_shows_the_client_address_in_the_access_log() {
         match try_connect_from("127.0.0.2", front) {
             Ok(s) => break s,
             Err(e) => {
-                assert!(start.elapsed() < DEADLINE, "haproxy never listened: {e}");
+                assert!(start.elapsed() < *DEADLINE, "haproxy never listened: {e}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }

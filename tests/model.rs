@@ -23,6 +23,8 @@ mod rng;
 
 #[path = "common/engine_fds.rs"]
 mod engine_fds;
+#[path = "common/wait.rs"]
+mod wait;
 
 use engine_fds::{tcp_pair, unix_stream_pair, with_io_uring, zero_copy};
 use rng::Rng;
@@ -237,7 +239,7 @@ fn run_with(seed: u64, io_threads: usize, settings: Settings) -> usize {
         let start = Instant::now();
         while c.received.len() < want.len() {
             assert!(
-                start.elapsed() < Duration::from_secs(10),
+                start.elapsed() < wait::scaled(Duration::from_secs(10)),
                 "seed {seed}: client {i} ({:?}) got {} of {} bytes",
                 c.config,
                 c.received.len(),

@@ -132,7 +132,7 @@ fn wait_released(socket: &gio::Socket) {
     let start = Instant::now();
     while socket.ref_count() != 1 {
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < *DEADLINE,
             "the element kept a reference ({} in all)",
             socket.ref_count()
         );

@@ -54,7 +54,7 @@ fn start_edge_with(host: &Host, origin: &Host, extra: &[String]) -> KillOnDrop {
             break;
         }
         assert!(
-            start.elapsed() < common::DEADLINE,
+            start.elapsed() < *common::DEADLINE,
             "{}: no feed: {seen:#?}",
             host.name
         );
@@ -144,7 +144,7 @@ fn viewers_on_their_own_host_play_the_origin_through_two_edges() {
 
 /// GET / on an open connection: the response head and at least `want` bytes of body.
 fn fetch_on(conn: std::net::TcpStream, want: usize) -> (String, Vec<u8>) {
-    common::http_get_on(conn, "edge", "/", want, common::DEADLINE, || {})
+    common::http_get_on(conn, "edge", "/", want, *common::DEADLINE, || {})
 }
 
 // ---------------------------------------------------------------------------
@@ -505,7 +505,7 @@ fn a_thousand_viewers_through_haproxy_and_two_edges() {
             break;
         }
         assert!(
-            start.elapsed() < common::DEADLINE,
+            start.elapsed() < *common::DEADLINE,
             "haproxy never listened: {:#?}",
             haproxy_out.0.lock().unwrap()
         );

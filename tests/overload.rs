@@ -35,7 +35,7 @@ fn roomy_pair() -> (gio::Socket, UnixStream) {
 /// the peer back still open, so the client is not closed (and removed) before the
 /// test has counted it.
 fn read_all(mut peer: UnixStream, buffers: usize) -> std::thread::JoinHandle<(usize, UnixStream)> {
-    peer.set_read_timeout(Some(DEADLINE)).unwrap();
+    peer.set_read_timeout(Some(*DEADLINE)).unwrap();
     std::thread::spawn(move || {
         let mut got = vec![0u8; buffers * BUFFER];
         peer.read_exact(&mut got).expect("every buffer arrives");
@@ -167,7 +167,7 @@ fn state_change_returns_at_once_while_render_waits_for_the_io_thread() {
         h
     });
     let queued = (6 * BUFFER) as u64;
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + *DEADLINE;
     while sink.property::<u64>("bytes-to-serve") < queued {
         assert!(Instant::now() < deadline, "render never got that far");
         std::thread::sleep(Duration::from_millis(1));

@@ -171,7 +171,7 @@ fn theora_ogg_captures_of_late_clients_decode() {
     add_reader();
     pipeline.set_state(gst::State::Playing).unwrap();
     for _ in 0..2 {
-        rx.recv_timeout(DEADLINE).unwrap();
+        rx.recv_timeout(*DEADLINE).unwrap();
         add_reader();
     }
     let bus = pipeline.bus().unwrap();

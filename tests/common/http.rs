@@ -107,7 +107,7 @@ pub fn read_to_eof(s: &TcpStream) -> Vec<u8> {
     let mut buf = [0u8; 65536];
     loop {
         assert!(
-            start.elapsed() < DEADLINE,
+            start.elapsed() < *DEADLINE,
             "no EOF in time; got {} bytes: {:?}",
             out.len(),
             String::from_utf8_lossy(&out[..out.len().min(300)])

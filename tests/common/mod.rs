@@ -9,16 +9,19 @@ pub mod http;
 pub mod netns;
 pub mod process;
 pub mod tls;
+pub mod wait;
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, LazyLock, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use gst::prelude::*;
 pub use gst_check::Harness;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-pub const DEADLINE: Duration = Duration::from_secs(10);
+/// The longest a test waits for what should happen (10 s, scaled by
+/// `TEST_WAIT_SCALE` under valgrind).
+pub static DEADLINE: LazyLock<Duration> = LazyLock::new(|| wait::scaled(Duration::from_secs(10)));
 
 pub fn init() {
     static INIT: Once = Once::new();
@@ -69,7 +72,7 @@ pub trait SinkHarness {
         let start = Instant::now();
         while self.u64(name) != value {
             assert!(
-                start.elapsed() < DEADLINE,
+                start.elapsed() < *DEADLINE,
                 "{name} stayed {} (want {value})",
                 self.u64(name)
             );
@@ -142,7 +145,7 @@ pub fn pipe() -> (OwnedFd, OwnedFd) {
 
 /// Reads exactly `n` bytes within the deadline.
 pub fn read_exact(fd: impl AsFd, n: usize) -> Vec<u8> {
-    read_exact_within(fd, n, DEADLINE)
+    read_exact_within(fd, n, *DEADLINE)
 }
 
 /// Reads exactly `n` bytes within `deadline`.
@@ -172,7 +175,7 @@ pub fn read_exact_within(fd: impl AsFd, n: usize, deadline: Duration) -> Vec<u8>
 pub fn wait_readable(fd: impl AsFd) {
     let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
     assert_eq!(
-        poll(&mut fds, PollTimeout::from(10_000u16)).unwrap(),
+        poll(&mut fds, PollTimeout::try_from(*DEADLINE).unwrap()).unwrap(),
         1,
         "nothing arrived"
     );
@@ -636,14 +639,15 @@ pub fn assert_no_error(pipeline: &gst::Pipeline, what: &str) {
 
 /// How long a live pipeline may take to set its sink's caps (an encoder's first
 /// output on a loaded machine).
-pub const CAPS_DEADLINE: Duration = Duration::from_secs(20);
+pub static CAPS_DEADLINE: LazyLock<Duration> =
+    LazyLock::new(|| wait::scaled(Duration::from_secs(20)));
 
 /// Waits (up to [`CAPS_DEADLINE`]) for the caps on the sink's pad, with a
 /// `streamheader` field if `with_streamheader`.
 pub fn wait_caps(sink: &gst::Element, with_streamheader: bool) -> gst::Caps {
     let pad = sink.static_pad("sink").unwrap();
     let mut caps = None;
-    wait_until_within("caps on the sink", CAPS_DEADLINE, || {
+    wait_until_within("caps on the sink", *CAPS_DEADLINE, || {
         caps = pad
             .current_caps()
             .filter(|c| !with_streamheader || c.structure(0).unwrap().has_field("streamheader"));
@@ -691,7 +695,7 @@ pub fn free_port() -> u16 {
 
 /// Polls `cond` until it holds; fails after [`DEADLINE`].
 pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    wait_until_within(what, DEADLINE, cond);
+    wait_until_within(what, *DEADLINE, cond);
 }
 
 /// Polls `cond` every 2 ms until it holds; fails after `deadline`.
