@@ -2762,6 +2762,64 @@ fn zero_copy_memfd_stays_bounded_and_late_reader_gets_exact_bytes() {
     expect_read(late_peer, &early);
 }
 
+/// With `zero_copy_min_clients`, buffers go into the memfd only while the engine
+/// has that many clients: two clients of three wanted get theirs by writev (no
+/// memfd is even made), a third client turns sendfile on for what is pushed next,
+/// and removing it turns it off again. The log says each change; every client
+/// reads exact bytes throughout.
+#[test]
+fn zero_copy_spools_only_while_enough_clients() {
+    let f = Fixture::new(Settings {
+        zero_copy_min_clients: 3,
+        ..zero_copy()
+    });
+    f.rec
+        .keep_logs
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (a, a_peer) = f.socketpair();
+    let (b, b_peer) = f.socketpair();
+    f.add(a, latest());
+    f.add(b, latest());
+    let part = |from: u32| -> Vec<u8> { (from..from + 4).flat_map(big).collect() };
+    f.push_all((0..4).map(|i| key(big(i))));
+    for peer in [a_peer, b_peer] {
+        expect_read(peer, &part(0));
+    }
+    assert_eq!(f.engine.counters().bytes_served_zero_copy, 0);
+    assert_eq!(f.engine.spool_allocated(), None, "a memfd for two clients");
+
+    let (c, c_peer) = f.socketpair();
+    f.add(c, latest());
+    f.push_all((4..8).map(|i| key(big(i))));
+    for peer in [a_peer, b_peer, c_peer] {
+        expect_read(peer, &part(4));
+    }
+    let spooled = 3 * part(4).len() as u64;
+    assert_eq!(f.engine.counters().bytes_served_zero_copy, spooled);
+
+    assert!(f.engine.remove(c, ClientStatus::Removed));
+    f.push_all((8..12).map(|i| key(big(i))));
+    for peer in [a_peer, b_peer] {
+        expect_read(peer, &part(8));
+    }
+    assert_eq!(f.engine.counters().bytes_served_zero_copy, spooled);
+
+    let logs = f.rec.logs.lock().unwrap().clone();
+    let changes: Vec<&str> = logs
+        .iter()
+        .filter(|(_, l)| l.starts_with("zero-copy: ") && l.contains("the memfd from now on"))
+        .map(|(_, l)| l.as_str())
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "zero-copy: 2 clients (3 or more wanted): buffers stay out of the memfd from now on",
+            "zero-copy: 3 clients (3 or more wanted): buffers go into the memfd from now on",
+            "zero-copy: 2 clients (3 or more wanted): buffers stay out of the memfd from now on",
+        ]
+    );
+}
+
 /// A kind whose first sendfile is refused (a regular file opened O_APPEND: EINVAL)
 /// is written with writev from then on, logged once; sockets on the same engine
 /// still go by sendfile. Every fd gets exact bytes.

@@ -15,7 +15,8 @@ fn plugin_dir() -> PathBuf {
 }
 
 /// The lines under `heading` of an inspect text, grouped by the entry they describe
-/// (an indented `name : ...` or `"name" : ...` line starts an entry).
+/// (an indented `name : ...`, `longer-name: ...` or `"name" : ...` line starts an
+/// entry).
 fn section(text: &str, heading: &str) -> BTreeMap<String, Vec<String>> {
     let mut entries: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let Some(start) = text.find(heading) else {
@@ -33,7 +34,8 @@ fn section(text: &str, heading: &str) -> BTreeMap<String, Vec<String>> {
             .trim()
             .replace("GstRsMultiHandleSink", "GstMultiHandleSink");
         let starts_entry = line.starts_with("  ") && !line.starts_with("   ");
-        if starts_entry && let Some((name, rest)) = normalized.split_once(" :") {
+        // Names are padded to 20 columns: a longer one has no space before its ':'.
+        if starts_entry && let Some((name, rest)) = normalized.split_once(':') {
             let name = name.trim().trim_matches('"').to_string();
             entries.insert(name.clone(), vec![rest.trim().to_string()]);
             current = Some(name);
@@ -121,7 +123,7 @@ fn assert_same_interface(ours: &str, theirs: &str, diff: Differences) {
 }
 
 /// Properties every element here has beyond C's.
-const OURS: [&str; 9] = [
+const OURS: [&str; 10] = [
     "bytes-queued",
     "time-queued",
     "io-threads",
@@ -130,6 +132,7 @@ const OURS: [&str; 9] = [
     "io-load",
     "batch-time",
     "zero-copy",
+    "zero-copy-min-clients",
     "io-uring",
 ];
 
@@ -193,5 +196,47 @@ fn rsmultisocketsink_has_multisocketsinks_interface() {
             signals: true,
             ..Default::default()
         },
+    );
+}
+
+/// The README's "Properties" table names every property rsmultifdsink adds to
+/// `GstBaseSink`'s, and no other: a property added without its row, or a row left
+/// after a rename, fails here.
+#[test]
+fn readme_property_table_lists_every_property() {
+    use gst::prelude::*;
+    gst::init().unwrap();
+    gstrsmultifdsink::plugin_register_static().unwrap();
+    let sink = gst::ElementFactory::make("rsmultifdsink").build().unwrap();
+    let base = gst_base::BaseSink::static_type();
+    let mut ours: Vec<String> = sink
+        .list_properties()
+        .iter()
+        .filter(|p| !base.is_a(p.owner_type()))
+        .map(|p| p.name().to_string())
+        .collect();
+    ours.sort();
+
+    let readme = include_str!("../README.md");
+    let table = readme
+        .split_once("\n## Properties\n")
+        .expect("README has a Properties section")
+        .1
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'));
+    let mut documented: Vec<String> = table
+        .skip(2) // the heading and the |---| line
+        .flat_map(|row| {
+            let cell = row.split('|').nth(1).unwrap_or_default();
+            cell.split(" / ")
+                .map(|name| name.trim().trim_matches('`').to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    assert_eq!(
+        documented, ours,
+        "README's property table against the element"
     );
 }

@@ -39,6 +39,7 @@ pub(crate) use self::types::log;
 pub use self::types::{
     AddOutcome, Amount, Chunk, ClientConfig, ClientStatus, Counters, Fd, Listener, LogLevel,
     OverloadPolicy, Payload, PushReport, RecoverPolicy, Settings, Streamheader, SyncMethod, Unit,
+    ZERO_COPY_MIN_CLIENTS,
 };
 
 use std::sync::{Arc, Mutex};
@@ -131,7 +132,8 @@ impl Engine {
     }
 
     pub fn set_settings(&self, settings: Settings) {
-        self.spool.set_enabled(settings.zero_copy);
+        self.spool
+            .set_enabled(settings.zero_copy, settings.zero_copy_min_clients);
         *self.settings.lock().unwrap() = settings.clone();
         for worker in self.pool.workers().iter() {
             worker.set_settings(settings.clone());
@@ -193,8 +195,14 @@ impl Engine {
     /// it may wait (bounded, not while flushing) for IO threads that are behind.
     pub fn push(&self, chunk: Chunk) -> PushReport {
         let mut total = PushReport::default();
-        // Copied into the spool once, for every worker's clients.
-        let spooled = self.spool.append((*chunk.data).as_ref());
+        // Copied into the spool once, for every worker's clients, when there are
+        // enough of them for it to pay; each buffer decides alone, so a client's
+        // queue may mix spooled buffers (sendfile) and others (writev).
+        let spooled = self
+            .spool
+            .wanted(|| self.pool.client_count())
+            .then(|| self.spool.append((*chunk.data).as_ref()))
+            .flatten();
         for worker in self.pool.workers().iter() {
             let report = worker.push(chunk.clone(), spooled.clone());
             total.waited += report.waited;

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
@@ -169,9 +169,19 @@ const UNKNOWN: u8 = 0;
 const WORKS: u8 = 1;
 const REFUSED: u8 = 2;
 
+/// Whether buffers go into the store now (too few clients: they do not).
+const UNDECIDED: u8 = 0;
+const APPENDING: u8 = 1;
+const BYPASSED: u8 = 2;
+
 /// The engine's store and what it learnt about which fds take `sendfile`.
 pub(crate) struct Spool {
     enabled: AtomicBool,
+    /// Buffers are appended only while the engine has at least this many clients.
+    min_clients: AtomicUsize,
+    /// `APPENDING`, `BYPASSED` or `UNDECIDED` (no buffer since it was enabled): the
+    /// log says when it changes.
+    spooling: AtomicU8,
     /// Made at the first append while enabled; let go when disabled or stopped
     /// (buffers still queued keep it until they are released).
     file: Mutex<Option<Arc<SpoolFile>>>,
@@ -185,6 +195,8 @@ impl Spool {
     pub fn new(listener: Arc<dyn Listener>) -> Spool {
         Spool {
             enabled: AtomicBool::new(false),
+            min_clients: AtomicUsize::new(0),
+            spooling: AtomicU8::new(UNDECIDED),
             file: Mutex::new(None),
             support: Default::default(),
             sent: AtomicU64::new(0),
@@ -192,7 +204,9 @@ impl Spool {
         }
     }
 
-    pub fn set_enabled(&self, on: bool) {
+    pub fn set_enabled(&self, on: bool, min_clients: usize) {
+        self.min_clients.store(min_clients, Ordering::Relaxed);
+        self.spooling.store(UNDECIDED, Ordering::Relaxed);
         let was = self.enabled.swap(on, Ordering::SeqCst);
         if was && !on {
             *self.file.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -201,6 +215,28 @@ impl Spool {
 
     pub fn enabled(&self) -> bool {
         self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the next buffer goes into the store: it is enabled and the engine has
+    /// `min_clients` clients or more (`clients` counts them, only when it matters).
+    /// Logs when that changes.
+    pub fn wanted(&self, clients: impl FnOnce() -> usize) -> bool {
+        if !self.enabled() {
+            return false;
+        }
+        let min = self.min_clients.load(Ordering::Relaxed);
+        let count = if min == 0 { 0 } else { clients() };
+        let wanted = count >= min;
+        let state = if wanted { APPENDING } else { BYPASSED };
+        if self.spooling.swap(state, Ordering::Relaxed) != state {
+            log!(
+                self.listener,
+                Info,
+                "zero-copy: {count} clients ({min} or more wanted): buffers {} the memfd from now on",
+                if wanted { "go into" } else { "stay out of" }
+            );
+        }
+        wanted
     }
 
     /// Copies a buffer into the store, when enabled. `None`: it goes by writev.

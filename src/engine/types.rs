@@ -199,6 +199,11 @@ pub struct Settings {
     /// Keep queued buffers in an append-only memfd and write clients with
     /// `sendfile` from it (fds that refuse it are written with writev).
     pub zero_copy: bool,
+    /// With `zero_copy`, buffers go into the memfd only while the engine has at least
+    /// this many clients: with fewer, copying a buffer into the memfd (a fresh shmem
+    /// page per 4 KiB, punched out again) costs more than the per-client copies it
+    /// saves. 0: every buffer.
+    pub zero_copy_min_clients: usize,
     /// Write each IO thread's batch of ready clients through io_uring (one SQE per
     /// client, one submission for all) instead of one system call each; where
     /// io_uring cannot be set up, the system calls are used.
@@ -232,6 +237,11 @@ pub struct PushReport {
     pub behind: bool,
 }
 
+/// Clients from which zero-copy pays (`docs/benchmark.md`, "zero-copy with few
+/// clients": over UNIX sockets with 64 KiB buffers it costs 2x the CPU of writev at
+/// 4 clients and breaks even at 64-100).
+pub const ZERO_COPY_MIN_CLIENTS: usize = 64;
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -252,6 +262,7 @@ impl Default for Settings {
             overload_policy: OverloadPolicy::BackPressure,
             batch_time: None,
             zero_copy: false,
+            zero_copy_min_clients: ZERO_COPY_MIN_CLIENTS,
             io_uring: false,
         }
     }

@@ -50,6 +50,9 @@ const DEFAULT_OVERLOAD_POLICY: OverloadPolicy = OverloadPolicy::BackPressure;
 const DEFAULT_BATCH_TIME: u64 = 0;
 /// Off until the benchmark shows where sendfile from the memfd pays.
 const DEFAULT_ZERO_COPY: bool = false;
+/// Below this many clients zero-copy sends from memory (the engine's measured
+/// break-even).
+const DEFAULT_ZERO_COPY_MIN_CLIENTS: u32 = engine::ZERO_COPY_MIN_CLIENTS as u32;
 const DEFAULT_IO_URING: bool = false;
 /// An overload episode ends after this long without a push that met one.
 const OVERLOAD_QUIET: Duration = Duration::from_secs(1);
@@ -79,6 +82,7 @@ struct Settings {
     overload_policy: OverloadPolicy,
     batch_time: u64,
     zero_copy: bool,
+    zero_copy_min_clients: u32,
     io_uring: bool,
 }
 
@@ -106,6 +110,7 @@ impl Default for Settings {
             overload_policy: DEFAULT_OVERLOAD_POLICY,
             batch_time: DEFAULT_BATCH_TIME,
             zero_copy: DEFAULT_ZERO_COPY,
+            zero_copy_min_clients: DEFAULT_ZERO_COPY_MIN_CLIENTS,
             io_uring: DEFAULT_IO_URING,
         }
     }
@@ -155,6 +160,7 @@ impl Settings {
             overload_policy: self.overload_policy.into(),
             batch_time: (self.batch_time > 0).then(|| Duration::from_nanos(self.batch_time)),
             zero_copy: self.zero_copy,
+            zero_copy_min_clients: self.zero_copy_min_clients as usize,
             io_uring: self.io_uring,
         }
     }
@@ -782,6 +788,12 @@ impl ObjectImpl for RsMultiHandleSink {
                     .blurb("Keep queued buffers in a memfd and send them with sendfile (sockets take the pages by reference); fds that refuse it get writev")
                     .default_value(DEFAULT_ZERO_COPY)
                     .build(),
+                glib::ParamSpecUInt::builder("zero-copy-min-clients")
+                    .nick("Zero copy from clients")
+                    .blurb("With zero-copy, buffers go into the memfd only while there are at least this many clients (with fewer, copying them in costs more than it saves); 0: always")
+                    .default_value(DEFAULT_ZERO_COPY_MIN_CLIENTS)
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecBoolean::builder("io-uring")
                     .nick("io_uring")
                     .blurb("Write each batch of ready clients with one io_uring submission instead of one system call per client (falls back to the system calls where io_uring is unavailable)")
@@ -839,6 +851,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "overload-policy" => s.overload_policy = value.get().unwrap(),
             "batch-time" => s.batch_time = value.get().unwrap(),
             "zero-copy" => s.zero_copy = value.get().unwrap(),
+            "zero-copy-min-clients" => s.zero_copy_min_clients = value.get().unwrap(),
             "io-uring" => s.io_uring = value.get().unwrap(),
             name => unimplemented!("property {name}"),
         }
@@ -871,6 +884,7 @@ impl ObjectImpl for RsMultiHandleSink {
             "overload-policy" => s.overload_policy.to_value(),
             "batch-time" => s.batch_time.to_value(),
             "zero-copy" => s.zero_copy.to_value(),
+            "zero-copy-min-clients" => s.zero_copy_min_clients.to_value(),
             "io-uring" => s.io_uring.to_value(),
             "io-load" => {
                 drop(s);

@@ -34,10 +34,12 @@ pub fn with_io_uring() -> Settings {
     }
 }
 
-/// The default settings with zero-copy: data sent by `sendfile` from the memfd.
+/// The default settings with zero-copy: data sent by `sendfile` from the memfd,
+/// every buffer whatever the number of clients.
 pub fn zero_copy() -> Settings {
     Settings {
         zero_copy: true,
+        zero_copy_min_clients: 0,
         ..Settings::default()
     }
 }
